@@ -1,0 +1,118 @@
+"""Where things are in a transformer, found from the module structure rather than a per-model table.
+
+A *block* is an element of the model's longest `ModuleList` whose elements contain an attention
+module (a module whose class name contains "Attention"). Inside a block:
+
+- the attention module is the outermost "Attention" module; its linear layers are the attention
+  projections, and the **last** of them (registration order) is the output projection;
+- query / key / value projections are recognised by the common leaf names (``q_proj``, ``query``,
+  ``q_lin``, ...) or a fused projection (``c_attn``, ``qkv_proj``, ``query_key_value``, ``Wqkv``);
+- the block's other linear layers form the FFN: the last is the down (output) projection, the
+  rest are its input side (up / gate / intermediate).
+
+This covers BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, GPT-2 and similar families.
+Anything else can be targeted explicitly; `roles()` raises a `TargetError` saying which option to set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import TargetError
+from .layers import is_linear
+from .select import iter_sites
+
+_QUERY = {"q_proj", "query", "q_lin", "q", "wq", "to_q"}
+_KEY = {"k_proj", "key", "k_lin", "k", "wk", "to_k"}
+_VALUE = {"v_proj", "value", "v_lin", "v", "wv", "to_v"}
+_FUSED_QKV = {"c_attn", "qkv_proj", "query_key_value", "wqkv", "qkv", "in_proj"}
+
+
+@dataclass
+class BlockRoles:
+    """Module names (full dotted paths) playing each role in one transformer block."""
+
+    block: str
+    attention: str
+    query: list[str] = field(default_factory=list)
+    key: list[str] = field(default_factory=list)
+    value: list[str] = field(default_factory=list)
+    fused_qkv: list[str] = field(default_factory=list)
+    attn_out: str | None = None
+    ffn_in: list[str] = field(default_factory=list)
+    ffn_out: str | None = None
+    ffn: str | None = None
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return "attention" in type(module).__name__.lower()
+
+
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    found = []
+    for name, module in iter_sites(model):
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and any(_is_attention(m) for m in module[0].modules()):
+            found.append((name, module))
+    return found
+
+
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower()
+
+
+def _block_roles(prefix: str, block: nn.Module) -> BlockRoles:
+    sites = [(f"{prefix}.{n}", m) for n, m in iter_sites(block)]
+    attention = next((n for n, m in sites if _is_attention(m)), None)
+    if attention is None:
+        raise TargetError(f"no attention module found in {prefix}")
+    roles = BlockRoles(block=prefix, attention=attention)
+    attn_linear = [n for n, m in sites if n.startswith(attention + ".") and is_linear(m)]
+    other_linear = [n for n, m in sites if not n.startswith(attention + ".") and is_linear(m)]
+    for name in attn_linear:
+        leaf = _leaf(name)
+        for bucket, names in ((roles.query, _QUERY), (roles.key, _KEY), (roles.value, _VALUE), (roles.fused_qkv, _FUSED_QKV)):
+            if leaf in names:
+                bucket.append(name)
+    if attn_linear:
+        roles.attn_out = attn_linear[-1]
+    if other_linear:
+        roles.ffn_out = other_linear[-1]
+        roles.ffn_in = other_linear[:-1]
+        roles.ffn = _common_parent(other_linear, prefix)
+    return roles
+
+
+def _common_parent(names: list[str], block: str) -> str | None:
+    parents = {n.rsplit(".", 1)[0] for n in names}
+    return parents.pop() if len(parents) == 1 and parents != {block} else None
+
+
+def blocks(model: nn.Module) -> list[BlockRoles]:
+    """Roles of every transformer block, in order.
+
+    Raises:
+        TargetError: no block structure is recognisable; the message says to set targets.
+    """
+    lists = _block_lists(model)
+    if not lists:
+        raise TargetError(
+            f"cannot find transformer blocks in {type(model).__name__} (no ModuleList of layers with an "
+            "attention module); set targets=[...] explicitly for this model."
+        )
+    name, layers = max(lists, key=lambda item: len(item[1]))
+    return [_block_roles(f"{name}.{i}", layer) for i, layer in enumerate(layers)]
+
+
+def attention_qv(model: nn.Module) -> list[str]:
+    """Query and value projections of every block (the fused qkv projection where there is one)."""
+    names = []
+    for roles in blocks(model):
+        found = roles.query + roles.value or roles.fused_qkv
+        if not found:
+            raise TargetError(
+                f"cannot recognise the query/value projections in {roles.attention}; set targets=[...] explicitly."
+            )
+        names.extend(found)
+    return names

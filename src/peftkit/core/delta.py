@@ -1,0 +1,95 @@
+"""The delta protocol: what a method supplies, and all the engine needs to know about it.
+
+`Delta` — a change at one site (see `host.py` for how the hooks compose).
+`ModelDelta` — a change at the model's inputs (virtual tokens, key/value prefixes): it rewrites
+the forward keyword arguments before the model runs and the outputs after.
+
+Freezing, saving and counting use only `trainable_parameters()`, `export_state()` and
+`import_state()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import NotMergeableError
+
+HOOKS = ("transform_input", "param_overrides", "contribution", "transform_output")
+
+
+class Delta(nn.Module):
+    """One adapter's trainable change at one site. Subclasses fill in one or more hooks.
+
+    Protocol used by freezing, saving and counting: `trainable_parameters()` lists what trains;
+    `export_state()` / `import_state()` is what goes to and comes from an adapter file.
+    """
+
+    form: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+    hooks: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.hooks = frozenset(h for h in HOOKS if getattr(cls, h) is not getattr(Delta, h))
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def param_overrides(self, base: nn.Module) -> dict[str, torch.Tensor]:
+        return {}
+
+    def contribution(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transform_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def fold(self, base: nn.Module) -> None:
+        """Fold this delta into `base`'s weights in place (called under no_grad)."""
+        raise NotMergeableError(f"{type(self).__name__} ({self.form} form) cannot be merged into the base weights.")
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state, strict=True)
+
+    @property
+    def weightable(self) -> bool:
+        """Whether an activation weight can scale this delta (only additive contributions)."""
+        return self.hooks <= {"contribution"}
+
+
+class ModelDelta(nn.Module):
+    """A change applied at the model level (the *input* and *context* forms)."""
+
+    form: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = False
+
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite the keyword arguments of a forward call (inputs, masks, labels, caches)."""
+        return kwargs
+
+    def prepare_generate(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite the keyword arguments of a `generate()` call; by default the same as forward."""
+        return self.prepare(model, kwargs)
+
+    def finish(self, outputs: Any, kwargs: dict[str, Any]) -> Any:
+        """Undo what `prepare` added to the outputs (e.g. logits at virtual positions)."""
+        return outputs
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.state_dict().items()}
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state, strict=True)

@@ -1,0 +1,200 @@
+"""The site wrapper: keeps the original module and composes the active adapters' deltas around it.
+
+A `Delta` is one adapter's trainable change at one site. It implements any of four hooks, and
+its *form* is simply which hooks it fills in (see DESIGN.md):
+
+    h = transform_input(x)                      # scale form on the input  (IA3 on FFN-down)
+    y = base(h)  with param_overrides()         # select form              (BitFit, head copies)
+    y = y + weight * contribution(h, base, y)   # reparam / parallel form  (LoRA, parallel adapter)
+    y = transform_output(y)                     # sequential / scale form  (bottleneck adapter, IA3)
+
+The `Delta` protocol lives in `delta.py`. The host never names a method. Merge state is derived from the list of merged adapter names;
+`forward` never merges or unmerges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .delta import Delta
+from .errors import AdapterStateError, NotMergeableError
+
+
+@dataclass
+class SiteContext:
+    """What every host reads at forward time; owned and set by the TunedModel."""
+
+    active: tuple[str, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)
+    disabled: bool = False
+    routing: tuple[tuple[str | None, tuple[int, ...]], ...] | None = None
+    routing_batch: int = 0
+
+    def route(self, per_sample: Sequence[str | None] | None) -> None:
+        if per_sample is None:
+            self.routing, self.routing_batch = None, 0
+            return
+        groups: dict[str | None, list[int]] = {}
+        for row, name in enumerate(per_sample):
+            groups.setdefault(name, []).append(row)
+        self.routing = tuple((name, tuple(rows)) for name, rows in groups.items())
+        self.routing_batch = len(per_sample)
+
+
+def _first(y: Any) -> torch.Tensor:
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _with_first(y: Any, value: torch.Tensor) -> Any:
+    return (value, *y[1:]) if isinstance(y, tuple) else value
+
+
+class Host(nn.Module):
+    """Wraps one site's module as `base_layer`; holds deltas as `deltas[adapter][slot]`."""
+
+    def __init__(self, base_layer: nn.Module, context: SiteContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.deltas = nn.ModuleDict()
+        object.__setattr__(self, "context", context)  # shared with every host; not a submodule
+        self._merged: list[str] = []
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def add(self, adapter: str, slot: str, delta: Delta) -> None:
+        if adapter not in self.deltas:
+            self.deltas[adapter] = nn.ModuleDict()
+        if slot in self.deltas[adapter]:
+            raise AdapterStateError(f"adapter {adapter!r} already has a {slot!r} delta at this site.")
+        self.deltas[adapter][slot] = delta
+
+    def remove(self, adapter: str) -> None:
+        if adapter in self._merged:
+            raise AdapterStateError(f"adapter {adapter!r} is merged here; unmerge before deleting it.")
+        if adapter in self.deltas:
+            del self.deltas[adapter]
+
+    def adapters(self) -> list[str]:
+        return list(self.deltas.keys())
+
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        return tuple(self._merged)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._merged)
+
+    def original_state(self) -> dict[str, torch.Tensor]:
+        """The base layer's tensors as they were before any merge."""
+        return self._backup if self._backup is not None else dict(self.base_layer.state_dict())
+
+    def _stack(self, names: Iterable[str | None]) -> list[tuple[Delta, float]]:
+        weights = self.context.weights
+        stack = []
+        for name in names:
+            if name is None or name not in self.deltas or name in self._merged:
+                continue
+            weight = weights.get(name, 1.0)
+            stack.extend((delta, weight) for delta in self.deltas[name].values())
+        return stack
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        ctx = self.context
+        if ctx.disabled:
+            return self.base_layer(x, *args, **kwargs)
+        if ctx.routing is not None:
+            return self._routed(x, args, kwargs)
+        return self._run(self._stack(ctx.active), x, args, kwargs)
+
+    def _run(self, stack: list[tuple[Delta, float]], x: Any, args: tuple, kwargs: dict) -> Any:
+        if not stack:
+            return self.base_layer(x, *args, **kwargs)
+        h, overrides = x, {}
+        for delta, _ in stack:
+            if "transform_input" in delta.hooks:
+                h = delta.transform_input(h)
+            if "param_overrides" in delta.hooks:
+                overrides.update(delta.param_overrides(self.base_layer))
+        if overrides:
+            y = functional_call(self.base_layer, overrides, (h, *args), kwargs, strict=False)
+        else:
+            y = self.base_layer(h, *args, **kwargs)
+        out = base_out = _first(y)
+        for delta, weight in stack:
+            if "contribution" in delta.hooks:
+                c = delta.contribution(h, self.base_layer, base_out).to(out.dtype)
+                out = out + (c if weight == 1.0 else weight * c)
+        for delta, _ in stack:
+            if "transform_output" in delta.hooks:
+                out = delta.transform_output(out)
+        return _with_first(y, out)
+
+    def _routed(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """Mixed-adapter batch: each group of rows runs with its own adapter (None = bare base)."""
+        ctx = self.context
+        groups = ctx.routing
+        batch = x.shape[0]
+        if batch != ctx.routing_batch:
+            if batch % ctx.routing_batch:
+                raise AdapterStateError(
+                    f"adapter_names has {ctx.routing_batch} entries but the batch has {batch} rows; "
+                    "give one adapter name (or None) per sample."
+                )
+            repeat = batch // ctx.routing_batch  # generate() expands rows for beams / return sequences
+            groups = tuple((n, tuple(r * repeat + k for r in rows for k in range(repeat))) for n, rows in groups)
+        if len(groups) == 1:
+            return self._run(self._stack((groups[0][0],)), x, args, kwargs)
+        if args or kwargs:
+            raise AdapterStateError(f"mixed-adapter batches are not supported at a {type(self.base_layer).__name__} site.")
+        out = None
+        for name, rows in groups:
+            index = torch.tensor(rows, device=x.device)
+            part = self._run(self._stack((name,)), x.index_select(0, index), (), {})
+            if out is None:
+                out = part.new_empty((batch, *part.shape[1:]))
+            out[index] = part
+        return out
+
+    # -- merging -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Sequence[str], keep_backup: bool = True) -> None:
+        todo = [n for n in names if n in self.deltas and n not in self._merged]
+        for name in todo:
+            for slot, delta in self.deltas[name].items():
+                if not delta.mergeable:
+                    raise NotMergeableError(
+                        f"adapter {name!r} cannot be merged: its {slot!r} delta ({delta.form} form) has no "
+                        "equivalent weight change. Keep it unmerged, or merge only reparam/scale/select adapters."
+                    )
+        if not todo:
+            return
+        if keep_backup and self._backup is None:
+            self._backup = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+        for name in todo:
+            for delta in self.deltas[name].values():
+                delta.fold(self.base_layer)
+        if not all(torch.isfinite(p).all() for p in self.base_layer.parameters() if p.is_floating_point()):
+            if self._backup is not None:
+                self.base_layer.load_state_dict(self._backup)
+                self._backup = None
+                self._merged.clear()
+            raise AdapterStateError(f"merging {todo} produced NaN/inf weights; the site was restored to its unmerged base.")
+        self._merged.extend(todo)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self._merged:
+            return
+        if self._backup is None:
+            raise AdapterStateError("this site was merged without keeping a backup, so it cannot be unmerged.")
+        self.base_layer.load_state_dict(self._backup)
+        self._backup = None
+        self._merged.clear()

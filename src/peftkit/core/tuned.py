@@ -1,0 +1,412 @@
+"""`TunedModel`: what users hold. A frozen model plus named adapters, behaving like the model.
+
+Adapters are attached by method builders (via the registry), installed into `Host` wrappers at
+their sites and, for the input/context forms, kept as model-level deltas. All state about which
+adapters run lives in one `SiteContext` shared by the hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import registry
+from .config import MethodConfig
+from .delta import Delta, ModelDelta
+from .deltas import TrainableCopy
+from .errors import AdapterFileError, AdapterStateError, ConfigError, NotMergeableError
+from .host import Host, SiteContext
+from .select import get_site, head_names, select, set_site
+
+MODEL_NAMESPACE = "__model__"
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+COPY_SLOT = "copy"
+
+
+@dataclass
+class SiteRow:
+    site: str
+    adapter: str
+    slot: str
+    form: str
+    params: int
+
+
+@dataclass
+class Summary:
+    """Parameter accounting; ``str(summary)`` is a readable table."""
+
+    total: int
+    base: int
+    trainable: int
+    head_trainable: int
+    rows: list[SiteRow] = field(default_factory=list)
+
+    @property
+    def trainable_without_head(self) -> int:
+        return self.trainable - self.head_trainable
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / max(self.base, 1)
+
+    def __str__(self) -> str:
+        lines = [f"{'site':<60} {'adapter':<12} {'slot':<10} {'form':<10} {'params':>10}"]
+        lines += [f"{r.site:<60} {r.adapter:<12} {r.slot:<10} {r.form:<10} {r.params:>10,}" for r in self.rows]
+        lines.append(
+            f"trainable {self.trainable:,} of base {self.base:,} ({self.trainable_percent:.4f}%); "
+            f"without task head {self.trainable_without_head:,} "
+            f"({100.0 * self.trainable_without_head / max(self.base, 1):.4f}%)"
+        )
+        return "\n".join(lines)
+
+
+class TunedModel(nn.Module):
+    """A model with peftkit adapters. Forward, `generate()` and unknown attributes go to the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if isinstance(model, TunedModel):
+            raise AdapterStateError("model is already a TunedModel; call .attach() on it instead.")
+        self.model = model
+        self.model_deltas = nn.ModuleDict()
+        object.__setattr__(self, "context", SiteContext())
+        self._configs: dict[str, MethodConfig] = {}
+        self._sites: dict[str, list[str]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # -- adapters ----------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._configs)
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self.context.active
+
+    def config_of(self, name: str) -> MethodConfig:
+        return self._configs[self._known(name)]
+
+    def sites(self, name: str) -> list[str]:
+        return list(self._sites[self._known(name)])
+
+    def _known(self, name: str) -> str:
+        if name not in self._configs:
+            raise AdapterStateError(f"no adapter named {name!r}; this model has {self.adapters or 'none'}.")
+        return name
+
+    def attach(self, config: MethodConfig, name: str = "default", *, trainable: bool = True,
+               activate: bool = True) -> TunedModel:
+        """Add adapter `name` built from `config`. Base weights are frozen; the new adapter's
+        parameters train when `trainable` (the other adapters are frozen)."""
+        if not isinstance(config, MethodConfig):
+            raise ConfigError(f"expected a config from peftkit.config(...), got {type(config).__name__}")
+        if not _NAME.match(name):
+            raise ConfigError(f"adapter name {name!r} may use only letters, digits, '_' and '-'.")
+        if name in self._configs:
+            raise AdapterStateError(f"an adapter named {name!r} already exists; pick another name or delete it.")
+        attachment = registry.get(config.method).build(self.model, config)
+        for site in self._trainable_module_sites(config):
+            attachment.add(site, COPY_SLOT, TrainableCopy(_base_of(get_site(self.model, site))))
+        self._configs[name] = config
+        self._sites[name] = list(attachment.sites)
+        try:
+            for site, slots in attachment.sites.items():
+                host = self._host_at(site)
+                for slot, delta in slots.items():
+                    host.add(name, slot, delta)
+            if attachment.model_deltas:
+                self.model_deltas[name] = nn.ModuleDict(attachment.model_deltas)
+        except BaseException:
+            self.delete(name)
+            raise
+        self.set_trainable(name if trainable else None)
+        if activate:
+            self.activate(name)
+        return self
+
+    def _trainable_module_sites(self, config: MethodConfig) -> list[str]:
+        spec = config.trainable_modules
+        if spec == "auto":
+            return head_names(self.model)
+        return select(self.model, spec) if spec else []
+
+    def _host_at(self, site: str) -> Host:
+        module = get_site(self.model, site)
+        if isinstance(module, Host):
+            return module
+        host = Host(module, self.context)
+        set_site(self.model, site, host)
+        return host
+
+    def hosts(self) -> Iterator[tuple[str, Host]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, Host):
+                yield name, module
+
+    def deltas(self, name: str) -> Iterator[tuple[str, Delta | ModelDelta]]:
+        """(state key prefix, delta) for every delta of adapter `name`."""
+        self._known(name)
+        for site, host in self.hosts():
+            if name in host.deltas:
+                for slot, delta in host.deltas[name].items():
+                    yield f"{site}.{slot}", delta
+        if name in self.model_deltas:
+            for slot, delta in self.model_deltas[name].items():
+                yield f"{MODEL_NAMESPACE}.{slot}", delta
+
+    def set_trainable(self, name: str | None) -> None:
+        """Freeze everything, then unfreeze the trainable tensors of adapter `name` (None: nothing)."""
+        self.requires_grad_(False)
+        if name is not None:
+            for _, delta in self.deltas(name):
+                for p in delta.trainable_parameters():
+                    p.requires_grad_(True)
+
+    def activate(self, names: str | Sequence[str], weights: Sequence[float] | None = None) -> None:
+        """Make `names` the active adapters; `weights` scale each one's additive contribution."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        for n in names:
+            self._known(n)
+        if weights is not None:
+            if len(weights) != len(names):
+                raise ConfigError(f"got {len(weights)} weights for {len(names)} adapters; give one weight per adapter.")
+            for n in names:
+                fixed = [key for key, d in self.deltas(n) if not getattr(d, "weightable", False)]
+                if fixed:
+                    raise ConfigError(f"adapter {n!r} has deltas that a weight cannot scale ({fixed[0]}, ...); "
+                                      "weights apply only to additive (reparam / parallel) adapters.")
+        self.context.active = names
+        self.context.weights = dict(zip(names, weights, strict=True)) if weights is not None else {}
+
+    def delete(self, name: str) -> None:
+        """Remove adapter `name`; sites left without deltas get their original module back."""
+        for site, host in list(self.hosts()):
+            host.remove(name)
+            if not host.deltas:
+                set_site(self.model, site, host.base_layer)
+        if name in self.model_deltas:
+            del self.model_deltas[name]
+        self._configs.pop(name, None)
+        self._sites.pop(name, None)
+        self.context.active = tuple(n for n in self.context.active if n != name)
+        self.context.weights.pop(name, None)
+
+    def detach(self) -> nn.Module:
+        """Remove every adapter and return the original, unmodified model."""
+        self.unmerge_adapter()
+        for name in self.adapters:
+            self.delete(name)
+        return self.model
+
+    # -- running -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[TunedModel]:
+        """Run the bare base model inside the block (exactly: no delta is evaluated)."""
+        if self.merged_adapters:
+            raise AdapterStateError(f"adapters {self.merged_adapters} are merged into the base weights; "
+                                    "call tuned.unmerge_adapter() before disabling them.")
+        previous = self.context.disabled
+        self.context.disabled = True
+        try:
+            yield self
+        finally:
+            self.context.disabled = previous
+
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: Sequence[str | None] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        for n in adapter_names:
+            if n is not None:
+                self._known(n)
+        if self.merged_adapters:
+            raise AdapterStateError("mixed-adapter batches need unmerged adapters; call tuned.unmerge_adapter().")
+        if any(n in self.model_deltas for n in adapter_names if n is not None):
+            raise AdapterStateError("mixed-adapter batches are not supported for adapters with model-level "
+                                    "(virtual token / prefix) parts.")
+        self.context.route(list(adapter_names))
+        try:
+            yield
+        finally:
+            self.context.route(None)
+
+    def _model_deltas(self) -> list[ModelDelta]:
+        if self.context.disabled:
+            return []
+        return [d for n in self.context.active if n in self.model_deltas for d in self.model_deltas[n].values()]
+
+    def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The model's forward. `adapter_names` routes each sample to its own adapter (None = base)."""
+        model_deltas = self._model_deltas()
+        with self._routing(adapter_names):
+            if not model_deltas:
+                return self.model(*args, **kwargs)
+            kwargs = _positional_to_kwargs(args, kwargs)
+            for delta in model_deltas:
+                kwargs = delta.prepare(self.model, kwargs)
+            outputs = self.model(**kwargs)
+            for delta in reversed(model_deltas):
+                outputs = delta.finish(outputs, kwargs)
+            return outputs
+
+    def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The model's `generate()` with the active adapters (or per-sample `adapter_names`)."""
+        model_deltas = self._model_deltas()
+        with self._routing(adapter_names):
+            if model_deltas:
+                kwargs = _positional_to_kwargs(args, kwargs)
+                args = ()
+                for delta in model_deltas:
+                    kwargs = delta.prepare_generate(self.model, kwargs)
+            return self.model.generate(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Enable the model's gradient checkpointing; non-reentrant by default so frozen inputs are fine."""
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        if options["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()
+
+    # -- merging -----------------------------------------------------------------------------
+    @property
+    def merged_adapters(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(n for _, h in self.hosts() for n in h.merged_adapters))
+
+    def merge_adapter(self, names: str | Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights, reversibly."""
+        self._merge(names, keep_backup=True)
+
+    def _merge(self, names: str | Sequence[str] | None, keep_backup: bool) -> tuple[str, ...]:
+        names = self.context.active if names is None else ((names,) if isinstance(names, str) else tuple(names))
+        for n in names:
+            self._known(n)
+            if n in self.model_deltas:
+                slots = ", ".join(self.model_deltas[n].keys())
+                raise NotMergeableError(f"adapter {n!r} has model-level parts ({slots}) that live outside the weights; "
+                                        "it cannot be merged. Keep using the TunedModel, or save the adapter.")
+            if self.context.weights.get(n, 1.0) != 1.0:
+                raise NotMergeableError(f"adapter {n!r} is active with weight {self.context.weights[n]}; "
+                                        "merging weighted activations is not supported.")
+        hosts = [h for _, h in self.hosts() if any(n in h.deltas for n in names)]
+        done = []
+        try:
+            for host in hosts:
+                host.merge(names, keep_backup=keep_backup)
+                done.append(host)
+        except BaseException:
+            for host in done:
+                if keep_backup:
+                    host.unmerge()
+            raise
+        return names
+
+    def unmerge_adapter(self) -> None:
+        """Restore the exact base weights saved at merge time."""
+        for _, host in self.hosts():
+            host.unmerge()
+
+    def merge(self, names: str | Sequence[str] | None = None) -> nn.Module:
+        """Fold adapters into the base weights and return the plain model, with no peftkit module
+        left in it. This TunedModel is emptied."""
+        if self.merged_adapters:
+            self.unmerge_adapter()
+        self._merge(names, keep_backup=False)
+        for site, host in list(self.hosts()):
+            set_site(self.model, site, host.base_layer)
+        self.model_deltas.clear()
+        self._configs.clear()
+        self._sites.clear()
+        self.context.active = ()
+        model = self.model
+        model.requires_grad_(False)
+        return model
+
+    # -- state -------------------------------------------------------------------------------
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors keyed ``<site>.<slot>.<tensor>`` (what an adapter file holds)."""
+        state = {}
+        for prefix, delta in self.deltas(name):
+            state.update({f"{prefix}.{k}": v for k, v in delta.export_state().items()})
+        return state
+
+    def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors into adapter `name`, checking names and shapes first (nothing changes on error)."""
+        expected = {k: tuple(v.shape) for k, v in self.adapter_state(name).items()}
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+        if missing or extra or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+            if extra:
+                parts.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[:3]}")
+            if wrong:
+                k = wrong[0]
+                parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {expected[k]}")
+            raise AdapterFileError("adapter tensors do not fit this model: " + "; ".join(parts)
+                                   + ". Was it saved for a different model or config?")
+        for prefix, delta in self.deltas(name):
+            own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            delta.import_state(own)
+
+    def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        if name is None:
+            return [p for p in self.parameters() if p.requires_grad]
+        return [p for _, d in self.deltas(name) for p in d.trainable_parameters()]
+
+    def summary(self) -> Summary:
+        rows, delta_ids = [], set()
+        head = 0
+        for name in self.adapters:
+            for prefix, delta in self.deltas(name):
+                site, _, slot = prefix.rpartition(".")
+                n = sum(p.numel() for p in delta.trainable_parameters())
+                delta_ids.update(id(p) for p in delta.parameters())
+                rows.append(SiteRow(site, name, slot, delta.form, n))
+                if slot.startswith(COPY_SLOT):
+                    head += sum(p.numel() for p in delta.trainable_parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        base = sum(p.numel() for p in self.parameters() if id(p) not in delta_ids)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return Summary(total=total, base=base, trainable=trainable, head_trainable=head, rows=rows)
+
+    def save(self, path: str, *, format: str = "peftkit", adapter: str | None = None) -> str:
+        """Write adapter(s) to folder `path` atomically; ``format="hf-peft"`` for the PEFT layout."""
+        from .io import save
+
+        return save(self, path, format=format, adapter=adapter)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, Host) else module
+
+
+def _positional_to_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not args:
+        return dict(kwargs)
+    if len(args) > 1:
+        raise ConfigError("pass model inputs by keyword (input_ids=..., attention_mask=...) when an adapter "
+                          "adds virtual tokens or prefixes.")
+    return {"input_ids": args[0], **kwargs}
+
+
+def attach(model: nn.Module, config: MethodConfig, name: str = "default", *, trainable: bool = True) -> TunedModel:
+    """Attach an adapter built from `config` to `model` (a plain model or a TunedModel)."""
+    tuned = model if isinstance(model, TunedModel) else TunedModel(model)
+    return tuned.attach(config, name, trainable=trainable)
