@@ -61,6 +61,10 @@ class Delta(nn.Module):
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state, strict=True)
 
+    def regularizer(self) -> torch.Tensor | None:
+        """A term added to the training loss while this delta trains (None: nothing)."""
+        return None
+
     @property
     def weightable(self) -> bool:
         """Whether an activation weight can scale this delta (only additive contributions)."""

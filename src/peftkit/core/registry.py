@@ -46,6 +46,17 @@ class Attachment:
 
 
 Builder = Callable[[nn.Module, Any], Attachment]
+
+
+class Controller:
+    """Per-adapter training-time logic a method may need (e.g. rank reallocation).
+
+    A trainer calls ``tuned.update(step)`` after each optimizer step and before gradients are
+    zeroed; the TunedModel forwards it to the controller of every trainable adapter.
+    """
+
+    def update(self, tuned: Any, name: str, step: int) -> None:  # pragma: no cover - default no-op
+        return None
 Tensors = dict[str, torch.Tensor]
 
 
@@ -74,6 +85,7 @@ class MethodSpec:
     summary: str
     hf: HfCodec | None = None
     identity_at_init: bool = False  # the contract suite checks base outputs are reproduced exactly
+    controller: Callable[[Any], Controller] | None = None  # config -> Controller, for training-time logic
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -79,6 +79,7 @@ class TunedModel(nn.Module):
         object.__setattr__(self, "context", SiteContext())
         self._configs: dict[str, MethodConfig] = {}
         self._sites: dict[str, list[str]] = {}
+        self._controllers: dict[str, registry.Controller] = {}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -134,6 +135,9 @@ class TunedModel(nn.Module):
             self.delete(name)
             raise
         self.set_trainable(name if trainable else None)
+        spec = registry.get(config.method)
+        if spec.controller is not None:
+            self._controllers[name] = spec.controller(config)
         if activate:
             self.activate(name)
         return self
@@ -202,6 +206,7 @@ class TunedModel(nn.Module):
             del self.model_deltas[name]
         self._configs.pop(name, None)
         self._sites.pop(name, None)
+        self._controllers.pop(name, None)
         self.context.active = tuple(n for n in self.context.active if n != name)
         self.context.weights.pop(name, None)
 
@@ -251,18 +256,39 @@ class TunedModel(nn.Module):
         return [d for n in self.context.active if n in self.model_deltas for d in self.model_deltas[n].values()]
 
     def forward(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
-        """The model's forward. `adapter_names` routes each sample to its own adapter (None = base)."""
+        """The model's forward. `adapter_names` routes each sample to its own adapter (None = base).
+
+        While training, the adapters' regularisation terms are added to ``outputs.loss``."""
         model_deltas = self._model_deltas()
         with self._routing(adapter_names):
             if not model_deltas:
-                return self.model(*args, **kwargs)
-            kwargs = _positional_to_kwargs(args, kwargs)
-            for delta in model_deltas:
-                kwargs = delta.prepare(self.model, kwargs)
-            outputs = self.model(**kwargs)
-            for delta in reversed(model_deltas):
-                outputs = delta.finish(outputs, kwargs)
-            return outputs
+                outputs = self.model(*args, **kwargs)
+            else:
+                kwargs = _positional_to_kwargs(args, kwargs)
+                for delta in model_deltas:
+                    kwargs = delta.prepare(self.model, kwargs)
+                outputs = self.model(**kwargs)
+                for delta in reversed(model_deltas):
+                    outputs = delta.finish(outputs, kwargs)
+        if self.training and getattr(outputs, "loss", None) is not None:
+            extra = self.regularization_loss()
+            if extra is not None:
+                outputs.loss = outputs.loss + extra
+        return outputs
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """Sum of the trainable deltas' regularisers (None when no delta has one)."""
+        terms = [t for name in self.adapters for _, d in self.deltas(name)
+                 if isinstance(d, Delta) and any(p.requires_grad for p in d.trainable_parameters())
+                 and (t := d.regularizer()) is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else None
+
+    def update(self, step: int) -> None:
+        """Training-time bookkeeping of methods that need it (e.g. rank reallocation). Call after each
+        optimizer step, before gradients are zeroed; peftkit's trainer and HF callback do this."""
+        for name, controller in self._controllers.items():
+            if any(p.requires_grad for p in self.trainable_parameters(name)):
+                controller.update(self, name, step)
 
     def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The model's `generate()` with the active adapters (or per-sample `adapter_names`)."""
