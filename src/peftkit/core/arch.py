@@ -8,7 +8,8 @@ module (a module whose class name contains "Attention"). Inside a block:
 - query / key / value projections are recognised by the common leaf names (``q_proj``, ``query``,
   ``q_lin``, ...) or a fused projection (``c_attn``, ``qkv_proj``, ``query_key_value``, ``Wqkv``);
 - the block's other linear layers form the FFN: the last is the down (output) projection, the
-  rest are its input side (up / gate / intermediate).
+  rest are its input side (up / gate / intermediate);
+- the block's normalisation layers are the modules whose class name contains "Norm".
 
 This covers BERT, RoBERTa, DistilBERT, Llama, Mistral, Qwen2, Gemma, GPT-2 and similar families.
 Anything else can be targeted explicitly; `roles()` raises a `TargetError` saying which option to set.
@@ -44,6 +45,7 @@ class BlockRoles:
     ffn_in: list[str] = field(default_factory=list)
     ffn_out: str | None = None
     ffn: str | None = None
+    norms: list[str] = field(default_factory=list)
 
 
 def _is_attention(module: nn.Module) -> bool:
@@ -81,6 +83,7 @@ def _block_roles(prefix: str, block: nn.Module) -> BlockRoles:
         roles.ffn_out = other_linear[-1]
         roles.ffn_in = other_linear[:-1]
         roles.ffn = _common_parent(other_linear, prefix)
+    roles.norms = [n for n, m in sites if "norm" in type(m).__name__.lower() and any(True for _ in m.parameters())]
     return roles
 
 
@@ -116,3 +119,44 @@ def attention_qv(model: nn.Module) -> list[str]:
             )
         names.extend(found)
     return names
+
+
+def key_value(model: nn.Module) -> list[str]:
+    """Key and value projections of every block (the fused qkv projection where there is one)."""
+    names = []
+    for roles in blocks(model):
+        found = roles.key + roles.value or roles.fused_qkv
+        if not found:
+            raise TargetError(
+                f"cannot recognise the key/value projections in {roles.attention}; set targets=[...] explicitly."
+            )
+        names.extend(found)
+    return names
+
+
+def require(roles: BlockRoles, role: str, option: str) -> str:
+    """The module playing `role` ("attn_out", "ffn_out", ...) in a block, or a `TargetError` that
+    names the option to set instead."""
+    name = getattr(roles, role)
+    if not name:
+        raise TargetError(f"cannot find the {role.replace('_', ' ')} module in {roles.block}; set {option} explicitly.")
+    return name
+
+
+def attention_geometry(model: nn.Module) -> tuple[int, int]:
+    """(key/value heads, head dimension) of the model's self-attention, from its config.
+
+    Raises:
+        TargetError: the config does not say (the message names the options to set instead).
+    """
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads and hidden else None)
+    if not kv_heads or not head_dim:
+        raise TargetError(f"cannot read the attention heads of {type(model).__name__} from its config; "
+                          "set num_kv_heads=... and head_dim=... explicitly.")
+    return int(kv_heads), int(head_dim)

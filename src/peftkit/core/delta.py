@@ -10,6 +10,7 @@ Freezing, saving and counting use only `trainable_parameters()`, `export_state()
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -61,6 +62,11 @@ class Delta(nn.Module):
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state, strict=True)
 
+    def state_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes `import_state` accepts. By default those `export_state()` gives; a delta
+        whose saved shapes depend on what it learned (e.g. pruned ranks) derives them from `state`."""
+        return {k: tuple(v.shape) for k, v in self.export_state().items()}
+
     def regularizer(self) -> torch.Tensor | None:
         """A term added to the training loss while this delta trains (None: nothing)."""
         return None
@@ -89,6 +95,15 @@ class ModelDelta(nn.Module):
         """Undo what `prepare` added to the outputs (e.g. logits at virtual positions)."""
         return outputs
 
+    def finish_generate(self, outputs: Any, kwargs: dict[str, Any]) -> Any:
+        """Undo what `prepare_generate` added to `generate()`'s result (e.g. placeholder tokens)."""
+        return outputs
+
+    def running(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """A context held around one forward or `generate()` call of `model` while this delta is
+        active (e.g. to route the model's attention through the delta). Default: nothing."""
+        return contextlib.nullcontext()
+
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()
 
@@ -97,3 +112,7 @@ class ModelDelta(nn.Module):
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state, strict=True)
+
+    def state_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes `import_state` accepts (see `Delta.state_shapes`)."""
+        return {k: tuple(v.shape) for k, v in self.export_state().items()}

@@ -24,7 +24,7 @@ from .tuned import COPY_SLOT, TunedModel
 HF_CONFIG = "adapter_config.json"
 HF_WEIGHTS = "adapter_model.safetensors"
 HF_WEIGHTS_BIN = "adapter_model.bin"
-_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+_TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
                ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
 _COPY_MARK = f".{COPY_SLOT}.values."

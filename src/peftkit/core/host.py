@@ -65,6 +65,7 @@ class Host(nn.Module):
         object.__setattr__(self, "context", context)  # shared with every host; not a submodule
         self._merged: list[str] = []
         self._backup: dict[str, torch.Tensor] | None = None
+        self._tied: dict[str, nn.Parameter] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
     def add(self, adapter: str, slot: str, delta: Delta) -> None:
@@ -165,7 +166,9 @@ class Host(nn.Module):
 
     # -- merging -----------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names: Sequence[str], keep_backup: bool = True) -> None:
+    def merge(self, names: Sequence[str], keep_backup: bool = True, untie: Sequence[str] = ()) -> None:
+        """Fold adapters into the base layer. Parameters named in `untie` are shared with other
+        modules (tied embeddings): they get a private copy first, so only this site changes."""
         todo = [n for n in names if n in self.deltas and n not in self._merged]
         for name in todo:
             for slot, delta in self.deltas[name].items():
@@ -178,16 +181,24 @@ class Host(nn.Module):
             return
         if keep_backup and self._backup is None:
             self._backup = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+        for param_name in untie:
+            if param_name not in self._tied:
+                owner, leaf = self._owner(param_name)
+                shared = getattr(owner, leaf)
+                self._tied[param_name] = shared
+                setattr(owner, leaf, nn.Parameter(shared.detach().clone(), requires_grad=False))
         for name in todo:
             for delta in self.deltas[name].values():
                 delta.fold(self.base_layer)
         if not all(torch.isfinite(p).all() for p in self.base_layer.parameters() if p.is_floating_point()):
-            if self._backup is not None:
-                self.base_layer.load_state_dict(self._backup)
-                self._backup = None
-                self._merged.clear()
+            self._merged.extend(todo)
+            self.unmerge()
             raise AdapterStateError(f"merging {todo} produced NaN/inf weights; the site was restored to its unmerged base.")
         self._merged.extend(todo)
+
+    def _owner(self, param_name: str) -> tuple[nn.Module, str]:
+        path, _, leaf = param_name.rpartition(".")
+        return (self.base_layer.get_submodule(path) if path else self.base_layer), leaf
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -195,6 +206,10 @@ class Host(nn.Module):
             return
         if self._backup is None:
             raise AdapterStateError("this site was merged without keeping a backup, so it cannot be unmerged.")
+        for param_name, shared in self._tied.items():  # re-tie: the shared tensor was never written
+            owner, leaf = self._owner(param_name)
+            setattr(owner, leaf, shared)
+        self._tied.clear()
         self.base_layer.load_state_dict(self._backup)
         self._backup = None
         self._merged.clear()

@@ -57,6 +57,14 @@ class Controller:
 
     def update(self, tuned: Any, name: str, step: int) -> None:  # pragma: no cover - default no-op
         return None
+
+    def needs_calibration(self, tuned: Any, name: str) -> bool:
+        """Whether adapter `name` must see data (`calibrate`) before it can train or be saved."""
+        return False
+
+    def calibrate(self, tuned: Any, name: str, batches: Any, loss_fn: Any = None) -> None:
+        """One-off, data-driven set-up before training (e.g. pruning masks scored on a few batches)."""
+        return None
 Tensors = dict[str, torch.Tensor]
 
 

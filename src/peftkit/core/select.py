@@ -88,25 +88,34 @@ def output_head_names(model: nn.Module) -> list[str]:
 
 
 def parse_layers(spec: LayerSpec, total: int) -> set[int] | None:
-    """Layer indices from ``3``, ``[0, 2]``, ``"0-3,5"`` or a Python slice ``"-2:"``."""
+    """Layer indices from ``3``, ``[0, 2]``, ``"0-3,5"`` or a Python slice ``"-2:"``; negative
+    indices count from the end.
+
+    Raises:
+        TargetError: an index outside the model's ``total`` layers, or an unreadable spec.
+    """
     if spec is None:
         return None
-    if isinstance(spec, int):
-        return {spec % total if total else spec}
-    if isinstance(spec, str):
-        text = spec.strip()
-        if ":" in text:
-            parts = [int(p) if p.strip() else None for p in text.split(":")]
+    try:
+        if isinstance(spec, str) and ":" in spec:
+            parts = [int(p) if p.strip() else None for p in spec.split(":")]
             return set(range(total)[slice(*parts)])
-        chosen: set[int] = set()
-        for chunk in filter(None, (c.strip() for c in text.split(","))):
-            if "-" in chunk[1:]:
-                lo, hi = chunk.split("-", 1)
-                chosen.update(range(int(lo), int(hi) + 1))
-            else:
-                chosen.add(int(chunk) % total if total else int(chunk))
-        return chosen
-    return {int(i) % total if total else int(i) for i in spec}
+        if isinstance(spec, int):
+            raw = [spec]
+        elif isinstance(spec, str):
+            raw = []
+            for chunk in filter(None, (c.strip() for c in spec.split(","))):
+                lo, sep, hi = chunk[1:].partition("-") if chunk.startswith("-") else chunk.partition("-")
+                lo = chunk[0] + lo if chunk.startswith("-") else lo
+                raw.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        else:
+            raw = [int(i) for i in spec]
+    except (TypeError, ValueError):
+        raise TargetError(f"cannot read layers={spec!r}; use an int, a list, '0-3,5' or a slice like '-2:'.") from None
+    bad = [i for i in raw if not -total <= i < total]
+    if bad:
+        raise TargetError(f"layers {bad} are out of range: the model has {total} layers (0..{total - 1}).")
+    return {i % total for i in raw}
 
 
 def _entry_matcher(entry: str, model: nn.Module) -> Callable[[str, nn.Module], bool]:

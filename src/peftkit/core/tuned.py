@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -260,7 +262,7 @@ class TunedModel(nn.Module):
 
         While training, the adapters' regularisation terms are added to ``outputs.loss``."""
         model_deltas = self._model_deltas()
-        with self._routing(adapter_names):
+        with self._routing(adapter_names), self._running(model_deltas):
             if not model_deltas:
                 outputs = self.model(*args, **kwargs)
             else:
@@ -293,13 +295,23 @@ class TunedModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The model's `generate()` with the active adapters (or per-sample `adapter_names`)."""
         model_deltas = self._model_deltas()
-        with self._routing(adapter_names):
-            if model_deltas:
-                kwargs = _positional_to_kwargs(args, kwargs)
-                args = ()
-                for delta in model_deltas:
-                    kwargs = delta.prepare_generate(self.model, kwargs)
-            return self.model.generate(*args, **kwargs)
+        with self._routing(adapter_names), self._running(model_deltas):
+            if not model_deltas:
+                return self.model.generate(*args, **kwargs)
+            kwargs = _positional_to_kwargs(args, kwargs)
+            for delta in model_deltas:
+                kwargs = delta.prepare_generate(self.model, kwargs)
+            outputs = self.model.generate(**kwargs)
+            for delta in reversed(model_deltas):
+                outputs = delta.finish_generate(outputs, kwargs)
+            return outputs
+
+    @contextlib.contextmanager
+    def _running(self, model_deltas: list[ModelDelta]) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for delta in model_deltas:
+                stack.enter_context(delta.running(self.model))
+            yield
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Enable the model's gradient checkpointing; non-reentrant by default so frozen inputs are fine."""
@@ -329,10 +341,14 @@ class TunedModel(nn.Module):
                 raise NotMergeableError(f"adapter {n!r} is active with weight {self.context.weights[n]}; "
                                         "merging weighted activations is not supported.")
         hosts = [h for _, h in self.hosts() if any(n in h.deltas for n in names)]
+        uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
         done = []
         try:
             for host in hosts:
-                host.merge(names, keep_backup=keep_backup)
+                tied = [k for k, p in host.base_layer.named_parameters() if uses[id(p)] > 1]
+                if tied and not keep_backup:
+                    _untie_config(self.model)
+                host.merge(names, keep_backup=keep_backup, untie=tied)
                 done.append(host)
         except BaseException:
             for host in done:
@@ -372,7 +388,10 @@ class TunedModel(nn.Module):
 
     def load_adapter_state(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Load tensors into adapter `name`, checking names and shapes first (nothing changes on error)."""
-        expected = {k: tuple(v.shape) for k, v in self.adapter_state(name).items()}
+        expected = {}
+        for prefix, delta in self.deltas(name):
+            own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            expected.update({f"{prefix}.{k}": s for k, s in delta.state_shapes(own).items()})
         missing = sorted(set(expected) - set(state))
         extra = sorted(set(state) - set(expected))
         wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
@@ -417,6 +436,16 @@ class TunedModel(nn.Module):
         from .io import save
 
         return save(self, path, format=format, adapter=adapter)
+
+
+def _untie_config(model: nn.Module) -> None:
+    """A merged delta on a tied weight (e.g. input embeddings shared with the LM head) changes only
+    its own copy, so the merged model must stop re-tying them when saved and reloaded."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+        warnings.warn("merging into a tied weight: the merged model keeps separate input and output "
+                      "embeddings (config.tie_word_embeddings set to False).", stacklevel=4)
 
 
 def _base_of(module: nn.Module) -> nn.Module:
