@@ -14,11 +14,13 @@ TRANSFORMERS = ("bert", "llama", "gpt2")
 
 VARIANTS: dict[str, list[dict]] = {
     "lora": [{}, {"rslora": True, "r": 4}, {"dora": True}, {"targets": "all-linear", "bias": "lora_only"}],
+    "adalora": [{"total_steps": 20}, {"total_steps": 20, "init_r": 4, "target_r": 2, "targets": "all-linear"}],
 }
 
 # Options that make a method work on the plain nn.Module of models.PlainNet (no transformer structure).
 PLAIN: dict[str, dict] = {
     "lora": {"targets": ["fc1", "fc2", "embed"]},
+    "adalora": {"targets": ["fc1", "fc2"], "total_steps": 20},
 }
 
 

@@ -1,3 +1,6 @@
 """Reparameterized methods: a low-rank (or otherwise structured) update foldable into W."""
 
-from . import lora  # noqa: F401
+from . import (
+    adalora,  # noqa: F401
+    lora,  # noqa: F401
+)
