@@ -1,0 +1,70 @@
+"""Batch order and padding.
+
+The order of an epoch is a pure function of (seed, epoch, global batch size), so a resumed run
+sees exactly the batches it would have seen, and N data-parallel processes see the same global
+batches as one process (each takes its slice). With `group_by_length`, examples are shuffled,
+cut into mega-batches of 50 global batches, sorted by length inside each, and the batches are
+shuffled again: little padding, still random.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import IGNORE, Encoded
+
+
+def epoch_batches(lengths: torch.Tensor, global_batch: int, seed: int, epoch: int, *,
+                  group_by_length: bool = True, min_size: int = 1) -> list[list[int]]:
+    """Index lists of each global batch of `epoch`; batches smaller than `min_size` are dropped."""
+    n = len(lengths)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=gen).tolist()
+    if not group_by_length:
+        batches = [perm[i:i + global_batch] for i in range(0, n, global_batch)]
+    else:
+        lens = lengths.tolist()
+        mega = global_batch * 50
+        batches = []
+        for start in range(0, n, mega):
+            chunk = sorted(perm[start:start + mega], key=lambda i: -lens[i])
+            batches.extend(chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch))
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        batches = [batches[i] for i in order]
+    return [b for b in batches if len(b) >= min_size]
+
+
+def micro_batches(batch: list[int], pieces: int) -> list[list[int]]:
+    """Split a global batch into `pieces` contiguous, near-equal parts (similar lengths stay together)."""
+    size, extra = divmod(len(batch), pieces)
+    out, start = [], 0
+    for i in range(pieces):
+        end = start + size + (1 if i < extra else 0)
+        out.append(batch[start:end])
+        start = end
+    return out
+
+
+def collate(enc: Encoded, index: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad the sequences `index` of `enc` to their longest (right padding)."""
+    lengths = [int(enc.offsets[i + 1] - enc.offsets[i]) for i in index]
+    width = max(lengths)
+    ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(index), width), dtype=torch.long)
+    labels = torch.full((len(index), width), IGNORE, dtype=torch.long) if enc.per_token else None
+    for row, (i, n) in enumerate(zip(index, lengths, strict=True)):
+        a = int(enc.offsets[i])
+        ids[row, :n] = enc.ids[a:a + n]
+        mask[row, :n] = 1
+        if labels is not None:
+            labels[row, :n] = enc.labels[a:a + n]
+    out = {"input_ids": ids, "attention_mask": mask}
+    out["labels"] = labels if labels is not None else enc.labels[index]
+    return out
+
+
+def eval_batches(enc: Encoded, batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Length-sorted batches for evaluation; with `world` > 1, this rank's share."""
+    order = sorted(range(len(enc)), key=lambda i: -int(enc.offsets[i + 1] - enc.offsets[i]))
+    mine = order[rank::world]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]

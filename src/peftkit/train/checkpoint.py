@@ -1,0 +1,162 @@
+"""Training checkpoints that lose nothing, written atomically, without pickle.
+
+A checkpoint folder holds
+
+- ``adapter.safetensors`` + ``adapter.json`` — the adapter, a normal peftkit adapter folder
+  (so ``peftkit eval --adapter run/checkpoint`` works);
+- ``optimizer.safetensors`` — every optimizer state tensor, keyed ``<param index>.<name>``;
+- ``rng.safetensors`` — the torch CPU (and CUDA) generator states;
+- ``trainer.json`` — step, epoch and position in the epoch, optimizer hyper-parameters and
+  scalar state, Python's ``random`` state, best metric, early-stopping count, metric history,
+  the settings that must match on resume, and controller states.
+
+The folder is written under a temporary name, fsynced and renamed over the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.errors import PeftkitError
+from ..core.io import META, WEIGHTS, read_tensors, write_adapter
+
+FORMAT = "peftkit-checkpoint"
+VERSION = 1
+STATE = "trainer.json"
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+
+
+class CheckpointError(PeftkitError, OSError):
+    """A checkpoint is missing, damaged or from an incompatible run."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_folder(target: Path, fill: Any) -> None:
+    """Call ``fill(tmp_folder)`` and rename the result over `target` (old copy removed after)."""
+    target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        for file in tmp.iterdir():
+            _fsync(file)
+        _fsync(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        index, _, name = key.partition(".")
+        state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    return out
+
+
+def _python_rng() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def save(folder: Path, tuned: Any, adapter: str, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
+         controllers: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Write a complete checkpoint to `folder` atomically."""
+    tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+
+    def fill(tmp: Path) -> None:
+        write_adapter(tuned, adapter, tmp)
+        save_file(tensors, str(tmp / OPTIMIZER))
+        save_file(_rng_tensors(), str(tmp / RNG))
+        for name, state in (controllers or {}).items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / f"controller.{name}.safetensors"))
+        doc = {"format": FORMAT, "version": VERSION, **trainer_state, "optimizer": opt_meta,
+               "python_rng": _python_rng(), "controllers": sorted(controllers or {})}
+        (tmp / STATE).write_text(json.dumps(doc, indent=1) + "\n")
+
+    atomic_folder(folder, fill)
+
+
+def read(folder: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint `folder` (raises `CheckpointError` when unusable)."""
+    path = folder / STATE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint in {folder} (missing {STATE}); start without --resume, or point "
+                              "--resume at a run's checkpoint folder.")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is damaged ({err}); resume from another checkpoint or start again.") from None
+    if doc.get("format") != FORMAT or not isinstance(doc.get("version"), int) or doc["version"] > VERSION:
+        raise CheckpointError(f"{path} is not a peftkit checkpoint this version can read.")
+    return doc
+
+
+def restore(folder: Path, doc: dict[str, Any], tuned: Any, adapter: str, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """Load adapter, optimizer and RNG states from checkpoint `folder`; returns controller states."""
+    meta = json.loads((folder / META).read_text())
+    info = meta.get("files", {}).get(WEIGHTS, {})
+    tuned.load_adapter_state(adapter, read_tensors(folder / WEIGHTS, info.get("sha256"), info.get("bytes")))
+    try:
+        opt_tensors = load_file(str(folder / OPTIMIZER))
+        rng = load_file(str(folder / RNG))
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {folder} is damaged ({err}); resume from another one or start again.") from None
+    device = next((p.device for p in tuned.trainable_parameters()), torch.device("cpu"))
+    optimizer.load_state_dict(_join_optimizer({k: v.to(device) for k, v in opt_tensors.items()}, doc["optimizer"]))
+    torch.set_rng_state(rng["torch"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = doc["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return {name: load_file(str(folder / f"controller.{name}.safetensors")) for name in doc.get("controllers", [])}

@@ -1,0 +1,199 @@
+"""The run configuration: one flat dataclass that a YAML file and command-line flags both fill.
+
+Precedence: built-in defaults < ``--config FILE`` < flags. Unknown keys in the file are errors
+with a suggestion (``lerning_rate`` → ``lr``). ``method_options`` values are YAML scalars or lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.errors import ConfigError, did_you_mean
+
+TASKS = ("classification", "instruction", "lm")
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw",)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run needs. Field names are the YAML keys; flags use dashes (``--batch-size``)."""
+
+    model: str = "minilm"
+    task: str | None = None  # None: from the dataset / model
+    data: str = "rotten-tomatoes"
+    eval_data: str | None = None  # None: a fixed held-out split of `data`
+    eval_fraction: float = 0.1  # held-out share when the data has no split of its own
+    text_field: str | None = None
+    label_field: str | None = None
+    prompt_field: str | None = None
+    response_field: str | None = None
+    method: str = "lora"
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quantize: str | None = None
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: 1e-3 for classification, 2e-4 otherwise
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup: float = 0.06  # < 1: a fraction of the steps; >= 1: a number of steps
+    max_grad_norm: float = 1.0
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_length: int | None = None  # None: 128 for classification, 256 otherwise
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    eval_every: int | None = None  # steps; None: at the end only
+    eval_batch_size: int = 128
+    save_every: int | None = None  # checkpoint every N steps; None: eval_every, or 200
+    early_stopping: int | None = None  # evaluations without improvement before stopping
+    metric: str | None = None  # best-checkpoint metric; None: accuracy / loss
+    load_best: bool = False  # finish with the best evaluated adapter instead of the last one
+    seed: int = 0
+    out: str | None = None  # None: runs/<model>-<data>-<method>
+    resume: str | None = None  # "auto": <out>/checkpoint; or a checkpoint folder
+    eval_before: bool | None = None  # None: for classification
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    threads: int | None = None
+    tensorboard: bool = False
+    progress: bool = True
+    num_labels: int | None = None  # None: from the data
+
+    def resolved(self) -> TrainConfig:
+        """A copy with the task-dependent defaults filled in."""
+        task = self.task or "classification"
+        return dataclasses.replace(
+            self,
+            lr=self.lr if self.lr is not None else (1e-3 if task == "classification" else 2e-4),
+            max_length=self.max_length if self.max_length is not None else (128 if task == "classification" else 256),
+        )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.task is not None and self.task not in TASKS:
+            out.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.schedule not in SCHEDULES:
+            out.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for name in ("batch_size", "grad_accum", "eval_batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_steps", "eval_every", "save_every", "early_stopping", "max_length", "num_labels"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value > 0):
+                out.append(f"{name} must be a positive integer, got {value!r}")
+        if not (isinstance(self.epochs, int | float) and self.epochs > 0):
+            out.append(f"epochs must be > 0, got {self.epochs!r}")
+        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0):
+            out.append(f"lr must be > 0, got {self.lr!r}")
+        if not (0 < self.eval_fraction < 1):
+            out.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if not isinstance(self.method_options, dict):
+            out.append(f"method_options must be a mapping of option: value, got {self.method_options!r}")
+        return out
+
+    def validate(self) -> TrainConfig:
+        problems = self.problems()
+        if problems:
+            raise ConfigError("invalid training config: " + "; ".join(problems) + ".")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """YAML gives ints for floats like ``1`` and strings for ``1e-3`` (YAML 1.1); fix both."""
+    kind = str(_TYPES[key])
+    if value is None:
+        return None
+    if "float" in kind and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind.startswith("int") and isinstance(value, str) and re.fullmatch(r"-?\d+", value):
+        return int(value)
+    return value
+
+
+def from_mapping(data: dict[str, Any], source: str, base: TrainConfig | None = None) -> TrainConfig:
+    """`base` updated with `data` (keys may use dashes). Unknown keys raise with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must hold a mapping of key: value, got {type(data).__name__}.")
+    updates = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in _TYPES:
+            hint = did_you_mean(key, FIELDS) or " No close match."
+            raise ConfigError(f"{source}: unknown key {raw_key!r}.{hint} Keys: {', '.join(FIELDS)}.")
+        updates[key] = _coerce(key, value)
+    if isinstance(updates.get("method_options"), str):
+        updates["method_options"] = parse_options(updates["method_options"])
+    return dataclasses.replace(base or TrainConfig(), **updates)
+
+
+def load_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config file onto `base`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text.") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}.") from None
+    return from_mapping(data or {}, f"config file {path}", base)
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, quote, current = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """``"r=8,targets=[query,value],dropout=0.1"`` → ``{"r": 8, "targets": ["query", "value"], ...}``.
+
+    Values are YAML scalars, lists or mappings; commas inside brackets do not split.
+    """
+    out: dict[str, Any] = {}
+    for part in _split_top_level(text):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"method option {part!r} is not key=value; write e.g. --method-options r=8,alpha=16.")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"method option {key.strip()}={value!r}: the value is not valid YAML.") from None
+        out[key.strip().replace("-", "_")] = parsed
+    return out

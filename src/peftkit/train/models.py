@@ -1,0 +1,98 @@
+"""Finding and loading the base model and tokenizer for a task, with one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import assets
+from ..core.errors import PeftkitError
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+class ModelError(PeftkitError, OSError):
+    """The base model cannot be found or loaded."""
+
+
+def resolve(name: str) -> str:
+    """A local folder for `name`: an embedded model name or a Hugging Face model folder.
+
+    Raises:
+        AssetError / ModelError: unknown name, missing package, or a folder without config.json.
+    """
+    if assets.is_model_name(name):
+        return assets.model_path(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json); pass the folder that "
+                             "save_pretrained() wrote, or an embedded name: " + ", ".join(assets.MODELS) + ".")
+        return str(path)
+    if path.exists():
+        raise ModelError(f"{path} is a file; --model takes a model folder or an embedded name ({', '.join(assets.MODELS)}).")
+    return assets.model_path(name)  # raises: unknown name, with the closest embedded one
+
+
+def is_causal(path: str) -> bool:
+    """Whether the folder's model generates text (a causal / seq2seq LM) rather than encodes it."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read {path}/config.json ({err}).") from None
+    return any(str(a).endswith(CAUSAL_SUFFIXES) for a in config.get("architectures") or [])
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (e.g. "classifier newly initialised": that is expected)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load a tokenizer from {path}: {str(err).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load(path: str, task: str, num_labels: int | None = None, pad_id: int | None = None,
+         dtype: torch.dtype | None = None) -> nn.Module:
+    """The model for `task`: a sequence classifier with `num_labels`, or a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+    try:
+        with quiet_transformers():
+            if task == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **kwargs)
+                if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
+                    model.config.pad_token_id = pad_id  # decoder classifiers pool the last non-pad token
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot load {path} for {task}: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def folder_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

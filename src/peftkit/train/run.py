@@ -1,0 +1,227 @@
+"""The main job as one function: config → data → model → adapter → train → evaluate → save.
+
+Output folder (``--out``, default ``runs/<model>-<data>-<method>``):
+
+- ``adapter/`` — the final adapter (peftkit format; ``peftkit.load(model, path)``);
+- ``best/`` — the best evaluated adapter, when ``--eval-every`` is set;
+- ``checkpoint/`` — the latest resumable checkpoint (``--resume``);
+- ``run.json`` — the effective config, the held-out split, label names, metrics;
+- ``metrics.jsonl`` — the training log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.errors import ConfigError, PeftkitError
+from ..core.registry import config as method_config
+from . import data as data_mod
+from . import models
+from .checkpoint import CheckpointError, read
+from .config import TrainConfig
+from .distributed import Dist, setup, teardown
+from .log import RunLog
+from .trainer import Trainer
+
+RUN_FILE = "run.json"
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    def slug(s: str) -> str:
+        return Path(s).stem if ("/" in s or "." in s) else s
+
+    return Path("runs") / f"{slug(cfg.model)}-{slug(cfg.data)}-{cfg.method}"
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def quantize_base(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
+    """Quantize the frozen base with `peftkit.quantize` (raises a clear error when unavailable)."""
+    try:
+        import peftkit
+
+        fn = getattr(peftkit, "quantize", None)
+        if fn is None:
+            from ..quant import quantize as fn  # type: ignore[no-redef]
+    except ImportError:
+        raise ConfigError(f"--quantize {scheme}: quantization is not available in this peftkit build "
+                          "(peftkit.quantize is missing); train without --quantize.") from None
+    result = fn(model, scheme)
+    return result if isinstance(result, torch.nn.Module) else model
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything resolved before anything is written: fails fast on bad input."""
+
+    cfg: TrainConfig
+    model_path: str
+    task: str
+    source: data_mod.Source
+    eval_source: data_mod.Source | None
+    method_cfg: Any
+    out: Path
+
+
+def plan(cfg: TrainConfig) -> Job:
+    """Validate the config, find the model and data, build the method config. Writes nothing."""
+    cfg.validate()
+    method_cfg = method_config(cfg.method, **cfg.method_options)
+    if cfg.quantize is not None and cfg.quantize not in ("nf4", "fp4", "int8"):
+        raise ConfigError(f"--quantize must be nf4, fp4 or int8, got {cfg.quantize!r}.")
+    path = models.resolve(cfg.model)
+    causal = models.is_causal(path)
+    fields = {"text": cfg.text_field, "label": cfg.label_field, "prompt": cfg.prompt_field,
+              "response": cfg.response_field}
+    src = data_mod.load_source(cfg.data, fields)
+    eval_src = data_mod.load_source(cfg.eval_data, fields) if cfg.eval_data else None
+    task = data_mod.resolve_task(cfg, src, causal)
+    if task in ("instruction", "lm") and not causal:
+        raise ConfigError(f"task {task!r} needs a causal language model; {cfg.model} is an encoder. Use "
+                          "--task classification, or a causal LM such as --model smollm2.")
+    cfg = dataclasses.replace(cfg, task=task).resolved()
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    return Job(cfg, path, task, src, eval_src, method_cfg, out)
+
+
+def _resume_folder(job: Job) -> Path | None:
+    if job.cfg.resume is None:
+        return None
+    folder = job.out / "checkpoint" if job.cfg.resume in ("auto", "") else Path(job.cfg.resume)
+    read(folder)  # fails early, before anything is written
+    return folder
+
+
+def _guard_out(job: Job, resume: Path | None) -> None:
+    """Refuse to start over on top of an unfinished run (its checkpoint would be lost)."""
+    folder = job.out / "checkpoint"
+    if resume is not None or not (folder / "trainer.json").is_file():
+        return
+    try:
+        doc = read(folder)
+    except CheckpointError:
+        return
+    if doc.get("step", 0) < doc.get("total_steps", 0):
+        raise CheckpointError(f"{job.out} holds an unfinished run (step {doc['step']} of {doc['total_steps']}); "
+                              "pass --resume to continue it, or choose another --out.")
+
+
+def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the main job; returns the result dict that ``--json`` prints."""
+    job = plan(cfg)
+    dist = setup()
+    try:
+        return _train(job, dist, echo if dist.main else (lambda _s: None))
+    finally:
+        teardown(dist)
+
+
+def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
+    cfg = job.cfg
+    tok = models.tokenizer(job.model_path)
+    prepared = data_mod.prepare(cfg, tok, job.task, job.source, job.eval_source)
+    if cfg.num_labels is not None and prepared.num_labels is not None:
+        prepared.num_labels = max(prepared.num_labels, cfg.num_labels)
+    model = models.load(job.model_path, job.task, prepared.num_labels, tok.pad_token_id)
+    if cfg.quantize:
+        model = quantize_base(model, cfg.quantize)
+    import peftkit
+
+    torch.manual_seed(cfg.seed)
+    tuned = peftkit.attach(model, job.method_cfg)
+    tuned.to(dist.device)
+    if cfg.gradient_checkpointing:
+        tuned.gradient_checkpointing_enable()
+    return tok, prepared, tuned
+
+
+def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
+    cfg, out = job.cfg, job.out
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    resume = _resume_folder(job)
+    _guard_out(job, resume)
+    t_start = time.perf_counter()
+    tok, prepared, tuned = _prepare(job, dist)
+    summary = tuned.summary()
+    echo(f"peftkit train: {cfg.model} on {cfg.data} ({job.task}), method {cfg.method}"
+         + (f", {cfg.quantize} base" if cfg.quantize else "") + (f", {dist.world} processes" if dist.enabled else ""))
+    echo(f"  data: {prepared.meta['train_examples']} train / {prepared.meta['eval_examples']} held-out "
+         f"({prepared.meta['split']})")
+    echo(f"  trainable params: {summary.trainable:,} of {summary.total:,} ({summary.trainable_percent:.2f}%)")
+    run_doc = {"config": cfg.to_dict(), "model_path": job.model_path, "data": prepared.meta,
+               "label_names": prepared.label_names, "num_labels": prepared.num_labels, "world_size": dist.world}
+    log = RunLog(out / "metrics.jsonl" if dist.main else None,
+                 tensorboard=out / "tensorboard" if cfg.tensorboard and dist.main else None)
+    if dist.main:
+        if resume is None and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+        write_json_atomic(out / RUN_FILE, run_doc)
+    best_dir = out / "best"
+    trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist, log=log,
+                      save_best=(lambda: tuned.save(str(best_dir))) if cfg.eval_every else None)
+    before: dict[str, float] = {}
+    if resume is not None:
+        trainer.resume(resume)
+        echo(f"  resumed from {resume} at step {trainer.state['step']} of {trainer.total_steps}")
+    elif cfg.eval_before is not False:
+        before = trainer.evaluate()
+        if before:
+            echo("  before: " + _fmt(before))
+    echo(f"  training {trainer.total_steps} steps of {trainer.global_batch} examples "
+         f"({trainer.steps_per_epoch} steps per epoch)")
+    result = trainer.fit()
+    metrics = result.metrics
+    if cfg.load_best and result.best and result.best["step"] != result.steps and (best_dir / "adapter.json").is_file():
+        from ..core.io import WEIGHTS, read_tensors
+
+        tuned.load_adapter_state("default", read_tensors(best_dir / WEIGHTS))
+        metrics = trainer.evaluate()
+    adapter_dir = out / "adapter"
+    if dist.main:
+        tuned.save(str(adapter_dir))
+    log.close()
+    adapter_bytes = models.folder_bytes(adapter_dir) if dist.main else 0
+    echo("  after:  " + _fmt(metrics) + (" (stopped early)" if result.stopped_early else ""))
+    echo(f"  train time: {result.train_seconds:.1f} s ({result.steps} steps); total {time.perf_counter() - t_start:.1f} s")
+    echo(f"  adapter: {adapter_dir} ({adapter_bytes / 1024:.1f} KiB)")
+    doc = {"metrics": metrics, "metrics_before": before, "trainable_params": summary.trainable,
+           "total_params": summary.total, "adapter_path": str(adapter_dir), "adapter_bytes": adapter_bytes,
+           "train_seconds": round(result.train_seconds, 3), "steps": result.steps, "task": job.task,
+           "method": cfg.method, "out": str(out), "best": result.best}
+    if dist.main:
+        write_json_atomic(out / RUN_FILE, {**run_doc, "result": doc})
+    return doc
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    keys = [k for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+
+def load_run(adapter_dir: str | Path) -> dict[str, Any] | None:
+    """The run.json next to an adapter folder (``<out>/adapter`` → ``<out>/run.json``), if any."""
+    folder = Path(adapter_dir)
+    for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None
+
+
+__all__ = ["Job", "PeftkitError", "load_run", "plan", "train"]

@@ -1,0 +1,322 @@
+"""peftkit's training loop: AdamW, warmup + cosine / linear schedule, gradient accumulation,
+DDP, evaluation, best-checkpoint tracking, early stopping, exact resume and Ctrl-C checkpoints.
+
+Per optimizer step: the global batch (``batch_size × grad_accum × processes`` examples) is cut
+into micro-batches; each micro-batch's ``outputs.loss`` (which already holds the adapters'
+regularisers while training) is weighted by its share of the global batch's loss units
+(examples, or predicted tokens for language modelling), so accumulation and data parallelism
+give the same update as one big batch. After ``optimizer.step()`` the trainer calls
+``tuned.update(step)`` (``step``: 0-based index of the step just taken) and then zeroes the
+gradients. Dropout randomness is re-seeded from (seed, rank, step) at every step, so a resumed
+run is bit-identical to an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .batches import collate, epoch_batches, eval_batches, micro_batches
+from .config import TrainConfig
+from .data import Encoded, Prepared
+from .distributed import Dist, all_sum, barrier, wrap
+from .log import RunLog
+from .metrics import classification_metrics, lm_metrics
+
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT / SIGTERM) during training; a resumable checkpoint has been written."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint written to {checkpoint}")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class FitResult:
+    steps: int
+    train_seconds: float
+    metrics: dict[str, float]
+    best: dict[str, Any] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rate for 0-based optimizer step `step`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+@contextlib.contextmanager
+def _stop_signals(flag: list[bool]) -> Iterator[None]:
+    """SIGINT / SIGTERM set `flag`; a second SIGINT raises KeyboardInterrupt at once."""
+    try:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+    except ImportError:  # pragma: no cover
+        pass
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag[0] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag[0] = True
+        print("\nstopping: finishing this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Trains adapter `adapter` of `tuned` on `data` as configured by `cfg` (already resolved)."""
+
+    def __init__(self, tuned: Any, data: Prepared, cfg: TrainConfig, *, out: Path, pad_id: int,
+                 dist: Dist | None = None, adapter: str = "default", log: RunLog | None = None,
+                 save_best: Callable[[], None] | None = None) -> None:
+        self.tuned, self.data, self.cfg, self.out = tuned, data, cfg, out
+        self.pad_id, self.adapter = pad_id, adapter
+        self.dist = dist or Dist()
+        self.log = log or RunLog(None)
+        self.save_best = save_best
+        self.device = self.dist.device
+        params = [p for p in tuned.parameters() if p.requires_grad]
+        if not params:
+            raise ckpt.PeftkitError("the model has no trainable parameters; attach an adapter first.")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model = wrap(tuned, self.dist)
+        self.pieces = cfg.grad_accum * self.dist.world
+        self.global_batch = cfg.batch_size * self.pieces
+        n = len(data.train)
+        self.steps_per_epoch = max(1, len(epoch_batches(data.train.lengths, self.global_batch, cfg.seed, 0,
+                                                        group_by_length=False, min_size=self.pieces)))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        w = cfg.warmup
+        self.warmup_steps = int(w) if w >= 1 else int(round(w * self.total_steps))
+        self.metric = cfg.metric or ("accuracy" if data.task == "classification" else "loss")
+        self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0}
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        if n < self.pieces:
+            raise ckpt.PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
+                                    "lower --batch-size / --grad-accum or add data.")
+
+    # -- checkpoint identity ---------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"model": c.model, "data": c.data, "task": self.data.task, "method": c.method,
+                "method_options": c.method_options, "seed": c.seed, "global_batch": self.global_batch,
+                "train_examples": len(self.data.train), "quantize": c.quantize}
+
+    def save_checkpoint(self, folder: Path | None = None) -> Path:
+        folder = folder or self.out / "checkpoint"
+        if self.dist.main:
+            controllers = {}
+            for name, ctl in getattr(self.tuned, "_controllers", {}).items():
+                if hasattr(ctl, "state_dict"):
+                    controllers[name] = ctl.state_dict()
+            state = {**self.state, "identity": self._identity(), "total_steps": self.total_steps,
+                     "epoch": self.state["step"] // self.steps_per_epoch,
+                     "batch_in_epoch": self.state["step"] % self.steps_per_epoch}
+            ckpt.save(folder, self.tuned, self.adapter, self.optimizer, state, controllers)
+        barrier(self.dist)
+        return folder
+
+    def resume(self, folder: Path) -> None:
+        doc = ckpt.read(folder)
+        mine = self._identity()
+        diff = [k for k in mine if doc.get("identity", {}).get(k) != mine[k]]
+        if diff:
+            k = diff[0]
+            raise ckpt.CheckpointError(f"checkpoint {folder} was written by a different run ({k}: "
+                                       f"{doc['identity'].get(k)!r}, now {mine[k]!r}); resume with the same "
+                                       "settings or start a new run with another --out.")
+        controllers = ckpt.restore(folder, doc, self.tuned, self.adapter, self.optimizer)
+        for name, state in controllers.items():
+            ctl = getattr(self.tuned, "_controllers", {}).get(name)
+            if ctl is not None and hasattr(ctl, "load_state_dict"):
+                ctl.load_state_dict(state)
+        for key in ("step", "best", "bad_evals", "history", "elapsed"):
+            self.state[key] = doc[key]
+
+    # -- batches ----------------------------------------------------------------------------------
+    def _batch(self, step: int) -> list[int]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            batches = epoch_batches(self.data.train.lengths, self.global_batch, self.cfg.seed, epoch,
+                                    group_by_length=self.cfg.group_by_length, min_size=self.pieces)
+            self._epoch_cache = (epoch, batches)
+        batches = self._epoch_cache[1]
+        return batches[pos % len(batches)]
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    def _step(self, step: int) -> tuple[float, int]:
+        enc = self.data.train
+        batch = self._batch(step)
+        parts = micro_batches(batch, self.pieces)
+        total_units = max(1, int(enc.units[batch].sum()))
+        torch.manual_seed(self.cfg.seed * 1_000_003 + step * 4099 + self.dist.rank)
+        loss_sum, tokens = 0.0, 0
+        self.model.train()
+        for j in range(self.cfg.grad_accum):
+            index = parts[j * self.dist.world + self.dist.rank]
+            inputs = self._to_device(collate(enc, index, self.pad_id))
+            sync = j == self.cfg.grad_accum - 1 or not self.dist.enabled
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                out = self.model(**inputs)
+                share = float(enc.units[index].sum()) / total_units
+                loss = out.loss * (share * self.dist.world)
+                loss.backward()
+            loss_sum += float(out.loss.detach()) * share
+            tokens += int(inputs["attention_mask"].sum())
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        factor = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * factor
+        self.optimizer.step()
+        self.tuned.update(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, tokens * self.dist.world
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def evaluate(self, enc: Encoded | None = None) -> dict[str, float]:
+        """Held-out metrics: accuracy, macro-F1 and loss (classification); loss and perplexity."""
+        enc = enc if enc is not None else self.data.eval
+        if enc is None or len(enc) == 0:
+            return {}
+        was_training = self.tuned.training
+        self.tuned.eval()
+        k = self.data.num_labels or 0
+        confusion = torch.zeros(max(k, 1), max(k, 1), dtype=torch.float64)
+        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
+        for index in eval_batches(enc, self.cfg.eval_batch_size, self.dist.rank, self.dist.world):
+            inputs = self._to_device(collate(enc, index, self.pad_id))
+            out = self.tuned(**inputs)
+            units = float(enc.units[index].sum())
+            loss_sum += torch.tensor([float(out.loss) * units, units], dtype=torch.float64)
+            if self.data.task == "classification":
+                pred = out.logits.argmax(-1).cpu()
+                confusion.index_put_((inputs["labels"].cpu(), pred), torch.ones(len(index), dtype=torch.float64),
+                                     accumulate=True)
+        confusion, loss_sum = all_sum(self.dist, confusion), all_sum(self.dist, loss_sum)
+        self.tuned.train(was_training)
+        loss = float(loss_sum[0] / max(loss_sum[1], 1))
+        if self.data.task == "classification":
+            return {**classification_metrics(confusion), "loss": loss}
+        return lm_metrics(loss)
+
+    def _better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value < best if self.metric in LOWER_IS_BETTER else value > best
+
+    def _after_eval(self, step: int, metrics: dict[str, float]) -> bool:
+        """Track the best checkpoint; True when early stopping says stop."""
+        self.state["history"].append({"step": step, **metrics})
+        self.log.write({"step": step, "eval": metrics})
+        value = metrics.get(self.metric)
+        if value is None:
+            return False
+        best = self.state["best"]
+        if self._better(value, None if best is None else best["value"]):
+            self.state["best"] = {"step": step, "metric": self.metric, "value": value}
+            self.state["bad_evals"] = 0
+            if self.save_best is not None and self.dist.main:
+                self.save_best()
+            barrier(self.dist)
+            return False
+        self.state["bad_evals"] += 1
+        patience = self.cfg.early_stopping
+        return patience is not None and self.state["bad_evals"] >= patience
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        save_every = cfg.save_every or cfg.eval_every or 200
+        flag = [False]
+        start = self.state["step"]
+        elapsed0 = self.state["elapsed"]
+        t0 = time.perf_counter()
+        bar = self._progress(start)
+        stopped_early = False
+        window_tokens, window_t = 0, time.perf_counter()
+        with _stop_signals(flag):
+            for step in range(start, self.total_steps):
+                loss, tokens = self._step(step)
+                self.state["step"] = step + 1
+                self.state["elapsed"] = elapsed0 + time.perf_counter() - t0
+                window_tokens += tokens
+                now = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                tps = window_tokens / max(now - window_t, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                if (step + 1) % 10 == 0 or step + 1 == self.total_steps:
+                    self.log.write({"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4),
+                                    "loss": loss, "lr": lr, "tokens_per_s": round(tps, 1)})
+                    window_tokens, window_t = 0, now
+                if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < self.total_steps:
+                    stopped_early = self._after_eval(step + 1, self.evaluate())
+                stop = self._agree(flag[0])
+                if stop or stopped_early or (step + 1) % save_every == 0:
+                    self.save_checkpoint()
+                if stop:
+                    if bar is not None:
+                        bar.close()
+                    raise Interrupted(step + 1, self.out / "checkpoint")
+                if stopped_early:
+                    break
+        if bar is not None:
+            bar.close()
+        train_seconds = self.state["elapsed"]
+        metrics = self.evaluate()
+        if metrics:
+            self._after_eval(self.state["step"], metrics)
+        self.save_checkpoint()
+        return FitResult(self.state["step"], train_seconds, metrics, self.state["best"], self.state["history"],
+                         stopped_early)
+
+    def _agree(self, local: bool) -> bool:
+        """Every process stops at the same step when any of them was signalled."""
+        if not self.dist.enabled:
+            return local
+        return bool(all_sum(self.dist, torch.tensor([1.0 if local else 0.0])).item() > 0)
+
+    def _progress(self, start: int) -> Any:
+        if not (self.cfg.progress and self.dist.main):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps, initial=start, desc="train", unit="step", file=sys.stderr,
+                    dynamic_ncols=True, mininterval=1.0, leave=False)
