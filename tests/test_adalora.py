@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -31,18 +32,16 @@ def one_thread():
 OPTIONS = {"init_r": 4, "target_r": 1.5, "total_steps": 12, "t_init": 2, "t_final": 3, "delta_t": 2}
 
 
-def train(tuned: peftkit.TunedModel, steps: int, lr: float = 1e-2, seed: int = 0, update: bool = True) -> list[int]:
+def train(tuned: peftkit.TunedModel, steps: int, lr: float = 1e-2, start: int = 0, optimizer=None) -> list[int]:
     """A plain loop with the documented call order; returns the kept ranks after each update."""
-    torch.manual_seed(seed)
     inputs = batch("bert", batch_size=4)
-    optimizer = torch.optim.AdamW(tuned.trainable_parameters(), lr=lr)
+    optimizer = optimizer or torch.optim.AdamW(tuned.trainable_parameters(), lr=lr)
     tuned.train()
     kept = []
-    for step in range(1, steps + 1):
+    for step in range(start, steps):  # step: 0-based index of the optimizer step
         tuned(**inputs).loss.backward()
         optimizer.step()
-        if update:
-            tuned.update(step)
+        tuned.update(step)
         optimizer.zero_grad()
         kept.append(sum(rank_pattern(tuned).values()))
     tuned.eval()
@@ -136,6 +135,35 @@ def test_pruned_file_loads_exactly(tmp_path):
         loaded.load_adapter_state("default", state)
 
 
+def test_file_before_final_allocation_keeps_all_ranks(tmp_path):
+    tuned = adalora()
+    train(tuned, 6)  # masks set at n = 4 and 6, not yet final
+    assert sum(rank_pattern(tuned).values()) < 16
+    tuned.save(tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "adapter.safetensors"), "pt") as f:
+        assert all(f.get_slice(k).get_shape()[0] == 4 for k in f.keys() if k.endswith(".adalora.A"))  # noqa: SIM118 - not a dict
+    loaded = peftkit.load(tiny_bert(), tmp_path / "a")
+    assert torch.equal(logits(loaded), logits(tuned))
+
+
+@pytest.mark.parametrize("stop", [5, 10], ids=["budget-phase", "final-phase"])
+def test_resume_from_saved_adapter_and_controller_state_is_exact(tmp_path, stop):
+    reference = adalora()
+    optimizer = torch.optim.AdamW(reference.trainable_parameters(), lr=1e-2)
+    train(reference, stop, optimizer=optimizer)
+    reference.save(tmp_path / "a")
+    opt_state = copy.deepcopy(optimizer.state_dict())  # what a checkpoint holds
+    ctl_state = copy.deepcopy(reference._controllers["default"].state_dict())
+    train(reference, 12, start=stop, optimizer=optimizer)
+    resumed = peftkit.load(tiny_bert(), tmp_path / "a", trainable=True)
+    optimizer = torch.optim.AdamW(resumed.trainable_parameters(), lr=1e-2)
+    optimizer.load_state_dict(opt_state)
+    resumed._controllers["default"].load_state_dict(ctl_state)
+    train(resumed, 12, start=stop, optimizer=optimizer)
+    assert rank_pattern(resumed) == rank_pattern(reference)
+    assert torch.equal(logits(resumed), logits(reference))
+
+
 def test_convert_to_lora_same_outputs_smaller_file_mergeable(tmp_path):
     tuned = adalora()
     train(tuned, OPTIONS["total_steps"])
@@ -179,9 +207,9 @@ def test_update_contract_and_errors():
         adalora(budget=100)
     tuned = adalora()
     tuned.set_trainable(None)  # a frozen adapter is not reallocated
-    for step in range(1, 13):
+    for step in range(12):
         tuned.update(step)
     assert sum(rank_pattern(tuned).values()) == 4 * 4
     tuned.set_trainable("default")
-    with pytest.raises(peftkit.ConfigError, match="optimizer steps"):
+    with pytest.raises(peftkit.ConfigError, match="optimizer step"):
         tuned.update(-1)

@@ -8,14 +8,16 @@ interoperate exactly. Orthogonality regulariser, added to the loss while trainin
 ``γ · mean over all P and Q of (‖QQᵀ − I‖_F, ‖PᵀP − I‖_F)``.
 
 Placement: linear layers (``nn.Linear``, GPT-2 ``Conv1D``); by default the attention query and
-value projections. Init: Λ = 0 (identity at init), P, Q ~ N(0, 0.02). Ranks are reallocated during
-training by `adalora_budget.RankAllocator` through ``tuned.update(step)``: call it after every
-``optimizer.step()`` (peftkit's trainer and its HF callback do), with `step` = optimizer steps so
-far. Defaults: init_r=12, target_r=8 (average final rank; or ``budget`` = total final ranks),
-alpha=32, t_init=0, t_final=0, delta_t=10, beta1=beta2=0.85, orth_reg=0.1; ``total_steps`` must be
-given. The keep-mask is adapter state: saved files hold only the surviving ranks plus the mask,
-and load back exactly. `convert_to_lora` turns a trained adapter into a plain ``lora`` adapter of
-the surviving ranks. Mergeable: ``W += s·P·Λ·Q``.
+value projections. Init: Λ = 0 (identity at init), P, Q ~ N(0, 0.02). Ranks are reallocated
+during training by `adalora_budget.RankAllocator` through ``tuned.update(step)``: call it after
+every ``optimizer.step()`` and before ``zero_grad()`` (peftkit's trainer and its HF callback do),
+with `step` the 0-based index of the step just taken.
+
+Defaults: init_r=12, target_r=8 (average final rank; or ``budget`` = total final ranks), alpha=32,
+t_init=0, t_final=0, delta_t=10, beta1=beta2=0.85, orth_reg=0.1; ``total_steps`` must be given.
+The keep-mask is adapter state; once the final allocation is made, saved files hold only the
+surviving ranks plus the mask, and load back exactly. `convert_to_lora` turns a trained adapter
+into a plain ``lora`` adapter of the surviving ranks. Mergeable: ``W += s·P·Λ·Q``.
 """
 
 from __future__ import annotations
@@ -100,7 +102,13 @@ class AdaLoraConfig(SiteConfig):
 
 
 class AdaLoraLinear(Delta):
-    """SVD-form update ``s·P·diag(E)·Q`` of a linear layer, with a keep-mask over the r triplets."""
+    """SVD-form update ``s·P·diag(E)·Q`` of a linear layer, with a keep-mask over the r triplets.
+
+    Until the final allocation the masked triplets stay (their singular value zeroed, so they can
+    come back) and files hold all r ranks plus the mask, so training resumes exactly. From the
+    final allocation on (`prune`) — or after loading a pruned file — they are dropped: files hold
+    only the kept ranks and the orthogonality term covers only those.
+    """
 
     form = "reparam"
     mergeable = True
@@ -113,6 +121,7 @@ class AdaLoraLinear(Delta):
         self.E = nn.Parameter(torch.zeros(r, **kw))  # Λ: (r,) singular values
         self.B = nn.Parameter(torch.randn(out_f, r, **kw) * 0.02)  # P: (out, r), left singular vectors
         self.register_buffer("mask", torch.ones(r, dtype=torch.bool, device=kw["device"]))
+        self.pruned = False
         self.scaling = scaling
         self.orth_weight = orth_weight  # γ / (number of P and Q matrices in the adapter)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -137,37 +146,46 @@ class AdaLoraLinear(Delta):
     def regularizer(self) -> torch.Tensor | None:
         if self.orth_weight == 0:
             return None
-        eye = torch.eye(self.r, dtype=self.A.dtype, device=self.A.device)
-        return self.orth_weight * (torch.linalg.matrix_norm(self.A @ self.A.T - eye)
-                                   + torch.linalg.matrix_norm(self.B.T @ self.B - eye))
+        A, B = (self.A[self.mask], self.B[:, self.mask]) if self.pruned else (self.A, self.B)  # (k, in), (out, k)
+        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        return self.orth_weight * (torch.linalg.matrix_norm(A @ A.T - eye) + torch.linalg.matrix_norm(B.T @ B - eye))
 
     @torch.no_grad()
     def set_mask(self, keep: torch.Tensor) -> None:
         self.mask.copy_(keep.to(self.mask.device))
 
+    def prune(self) -> None:
+        """Drop the masked triplets for good (the final allocation)."""
+        self.pruned = True
+
     @torch.no_grad()
     def apply_mask(self) -> None:
-        """Zero the masked singular values (their vectors stay, so they can come back)."""
+        """Zero the masked singular values (their vectors stay, so they can come back until `prune`)."""
         self.E.masked_fill_(~self.mask, 0.0)
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        keep = self.mask
+        keep = self.mask if self.pruned else slice(None)
         return {"A": self.A.detach()[keep], "B": self.B.detach()[:, keep], "E": self.E.detach()[keep],
-                "mask": keep.detach().clone()}
+                "mask": self.mask.detach().clone()}
 
     def state_shapes(self, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-        mask = state.get("mask")
+        """Full (r ranks) or pruned (the mask's k ranks), whichever the incoming `A` holds."""
+        mask, A = state.get("mask"), state.get("A")
         valid = isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == (self.r,)
         k = int(mask.sum()) if valid else self.r
+        if isinstance(A, torch.Tensor) and A.ndim == 2 and A.shape[0] == self.r:
+            k = self.r
         return {"A": (k, self.A.shape[1]), "B": (self.B.shape[0], k), "E": (k,), "mask": (self.r,)}
 
     @torch.no_grad()
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
         keep = state["mask"].to(self.mask.device)
-        self.A[keep] = state["A"].to(self.A)
-        self.B[:, keep] = state["B"].to(self.B)
+        self.pruned = state["A"].shape[0] != self.r
+        rows = keep if self.pruned else slice(None)
+        self.A[rows] = state["A"].to(self.A)
+        self.B[:, rows] = state["B"].to(self.B)
         self.E.zero_()
-        self.E[keep] = state["E"].to(self.E)
+        self.E[rows] = state["E"].to(self.E)
         self.mask.copy_(keep)
 
 

@@ -35,17 +35,20 @@ def _base(model: nn.Module, site: str) -> nn.Module:
 
 
 def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    tensors: dict[str, torch.Tensor] = {}
-    masks: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         site, slot, name = key.rsplit(".", 2)
         if slot != SLOT:
             raise ConfigError(f"unexpected tensor {key!r} in an AdaLoRA adapter.")
-        if name == "mask":
-            masks[site] = value
-        else:
-            tensors[f"{PREFIX}{site}.lora_{name}"] = value.unsqueeze(1) if name == "E" else value
-    sites = list(masks)
+        parts.setdefault(site, {})[name] = value
+    sites = list(parts)
+    masks = {site: p["mask"] for site, p in parts.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for site, p in parts.items():  # PEFT files always hold only the kept ranks
+        keep = p["mask"] if p["A"].shape[0] == p["mask"].shape[0] else slice(None)
+        tensors[f"{PREFIX}{site}.lora_A"] = p["A"][keep]
+        tensors[f"{PREFIX}{site}.lora_B"] = p["B"][:, keep]
+        tensors[f"{PREFIX}{site}.lora_E"] = p["E"][keep].unsqueeze(1)  # (k, 1)
     pruned = any(not bool(m.all()) for m in masks.values())
     hf = {
         "peft_type": "ADALORA",
