@@ -12,6 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from . import methods as _methods  # noqa: F401,E402  (registers every method)
+from .core.calibrate import calibrate, needs_calibration  # noqa: E402
 from .core.config import MethodConfig  # noqa: E402
 from .core.errors import (  # noqa: E402
     AdapterFileError,
@@ -37,8 +38,10 @@ __all__ = [
     "TunedModel",
     "__version__",
     "attach",
+    "calibrate",
     "config",
     "config_from_dict",
     "load",
     "methods",
+    "needs_calibration",
 ]
