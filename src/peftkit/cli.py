@@ -141,7 +141,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"train": cmd_train}
 
 def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        from . import commands
+        from .train import commands
 
         return getattr(commands, f"cmd_{name}")(args)
 

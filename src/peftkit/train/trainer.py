@@ -208,32 +208,11 @@ class Trainer:
         return loss_sum, tokens * self.dist.world
 
     # -- evaluation ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def evaluate(self, enc: Encoded | None = None) -> dict[str, float]:
-        """Held-out metrics: accuracy, macro-F1 and loss (classification); loss and perplexity."""
+        """Held-out metrics (see `evaluate`)."""
         enc = enc if enc is not None else self.data.eval
-        if enc is None or len(enc) == 0:
-            return {}
-        was_training = self.tuned.training
-        self.tuned.eval()
-        k = self.data.num_labels or 0
-        confusion = torch.zeros(max(k, 1), max(k, 1), dtype=torch.float64)
-        loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
-        for index in eval_batches(enc, self.cfg.eval_batch_size, self.dist.rank, self.dist.world):
-            inputs = self._to_device(collate(enc, index, self.pad_id))
-            out = self.tuned(**inputs)
-            units = float(enc.units[index].sum())
-            loss_sum += torch.tensor([float(out.loss) * units, units], dtype=torch.float64)
-            if self.data.task == "classification":
-                pred = out.logits.argmax(-1).cpu()
-                confusion.index_put_((inputs["labels"].cpu(), pred), torch.ones(len(index), dtype=torch.float64),
-                                     accumulate=True)
-        confusion, loss_sum = all_sum(self.dist, confusion), all_sum(self.dist, loss_sum)
-        self.tuned.train(was_training)
-        loss = float(loss_sum[0] / max(loss_sum[1], 1))
-        if self.data.task == "classification":
-            return {**classification_metrics(confusion), "loss": loss}
-        return lm_metrics(loss)
+        return evaluate(self.tuned, enc, self.data.task, num_labels=self.data.num_labels, pad_id=self.pad_id,
+                        batch_size=self.cfg.eval_batch_size, dist=self.dist)
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -320,3 +299,34 @@ class Trainer:
 
         return tqdm(total=self.total_steps, initial=start, desc="train", unit="step", file=sys.stderr,
                     dynamic_ncols=True, mininterval=1.0, leave=False)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labels: int | None, pad_id: int,
+             batch_size: int = 128, dist: Dist | None = None) -> dict[str, float]:
+    """Held-out metrics of `model` on `enc`: accuracy, macro-F1 and loss for classification; loss
+    and perplexity otherwise. Length-sorted batches; with `dist`, each process takes a share and
+    the counts are summed."""
+    dist = dist or Dist()
+    if enc is None or len(enc) == 0:
+        return {}
+    was_training = model.training
+    model.eval()
+    k = max(num_labels or 1, 1)
+    confusion = torch.zeros(k, k, dtype=torch.float64)
+    loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
+    for index in eval_batches(enc, batch_size, dist.rank, dist.world):
+        inputs = {key: v.to(dist.device) for key, v in collate(enc, index, pad_id).items()}
+        out = model(**inputs)
+        units = float(enc.units[index].sum())
+        loss_sum += torch.tensor([float(out.loss) * units, units], dtype=torch.float64)
+        if task == "classification":
+            pred = out.logits.argmax(-1).cpu()
+            confusion.index_put_((inputs["labels"].cpu(), pred), torch.ones(len(index), dtype=torch.float64),
+                                 accumulate=True)
+    confusion, loss_sum = all_sum(dist, confusion), all_sum(dist, loss_sum)
+    model.train(was_training)
+    loss = float(loss_sum[0] / max(loss_sum[1], 1))
+    if task == "classification":
+        return {**classification_metrics(confusion), "loss": loss}
+    return lm_metrics(loss)
