@@ -213,3 +213,37 @@ def test_update_contract_and_errors():
     tuned.set_trainable("default")
     with pytest.raises(peftkit.ConfigError, match="optimizer step"):
         tuned.update(-1)
+
+
+def test_driven_by_transformers_trainer_callback(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from peftkit.train import PeftkitCallback
+
+    tuned = adalora()
+    inputs = batch("bert", batch_size=4)
+    rows = [{k: v[i] for k, v in inputs.items()} for i in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+                                          logging_strategy="no", lr_scheduler_type="constant", disable_tqdm=True,
+                                          remove_unused_columns=False)
+    trainer = transformers.Trainer(model=tuned, args=args, train_dataset=rows, callbacks=[PeftkitCallback()])
+    trainer.train()
+    allocator = tuned._controllers["default"]
+    assert [h[0] for h in allocator.history] == [4, 6, 8, 9]  # same schedule as the plain loop
+    assert sum(rank_pattern(tuned).values()) == round(1.5 * 4)
+
+
+def test_driven_by_peftkit_trainer(tmp_path):
+    from peftkit.train import TrainConfig, Trainer
+    from peftkit.train.data import Encoded, Prepared
+
+    tuned = adalora()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 96, (6,), generator=g).tolist() for _ in range(8)]
+    data = Prepared("classification", Encoded.from_lists(seqs, [i % 2 for i in range(8)], per_token=False), None)
+    cfg = TrainConfig(max_steps=12, batch_size=4, lr=1e-2, warmup=0, schedule="constant", progress=False).resolved()
+    Trainer(tuned, data, cfg, out=tmp_path, pad_id=0).fit()
+    allocator = tuned._controllers["default"]
+    assert [h[0] for h in allocator.history] == [4, 6, 8, 9]
+    assert sum(rank_pattern(tuned).values()) == round(1.5 * 4)
+    assert (tmp_path / "checkpoint").is_dir() and any((tmp_path / "checkpoint").glob("controller.*"))
