@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.validate().to_dict(), sort_keys=False).rstrip())
         return 0
     result = train(cfg, echo=(lambda s: print(s, flush=True)))
-    if args.json:
+    if args.json and int(os.environ.get("RANK", "0")) == 0:
         _emit_json(result)
     return 0
 

@@ -109,6 +109,15 @@ class TrainConfig:
 
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+# what other trainers call our keys: suggested when such a key appears in a config file
+ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+           "train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+           "gradient_accumulation_steps": "grad_accum", "output_dir": "out", "lr_scheduler_type": "schedule",
+           "lr_scheduler": "schedule", "warmup_ratio": "warmup", "warmup_steps": "warmup",
+           "max_seq_length": "max_length", "sequence_len": "max_length", "cutoff_len": "max_length",
+           "model_name_or_path": "model", "base_model": "model", "dataset": "data", "datasets": "data",
+           "eval_steps": "eval_every", "save_steps": "save_every", "peft_type": "method", "adapter": "method",
+           "resume_from_checkpoint": "resume", "max_grad_norm": "max_grad_norm", "lora_r": "method_options"}
 _TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
@@ -137,7 +146,7 @@ def from_mapping(data: dict[str, Any], source: str, base: TrainConfig | None = N
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in _TYPES:
-            hint = did_you_mean(key, FIELDS) or " No close match."
+            hint = f" Did you mean: {ALIASES[key]}?" if key in ALIASES else (did_you_mean(key, FIELDS) or " No close match.")
             raise ConfigError(f"{source}: unknown key {raw_key!r}.{hint} Keys: {', '.join(FIELDS)}.")
         updates[key] = _coerce(key, value)
     if isinstance(updates.get("method_options"), str):

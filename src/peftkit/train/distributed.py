@@ -78,7 +78,12 @@ def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """DDP around `model` when distributed (gradients of trainable parameters only are reduced)."""
     if not d.enabled:
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [d.local_rank] if d.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # buffers (position ids, masks) are identical on every rank: no need to re-send them each step
+    params = inspect.signature(DistributedDataParallel).parameters
+    option = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=ids, **{option: False})
