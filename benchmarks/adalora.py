@@ -1,15 +1,18 @@
 """AdaLoRA on the real all-MiniLM-L6-v2.
 
     .venv/bin/python benchmarks/adalora.py steptime [--repeats 8] [--threads 1]
-    .venv/bin/python benchmarks/adalora.py accuracy [--seeds 0 1 2] [--target-r 4] [--init-r 8]
+    .venv/bin/python benchmarks/adalora.py accuracy [--seeds 0 1 2] [--methods lora adalora] [--steps 321]
+    .venv/bin/python benchmarks/adalora.py summarize
 
 ``steptime``: one full training step (forward, backward, AdamW step and, for AdaLoRA, the rank
 allocator's update) of peftkit AdaLoRA, peftkit LoRA at the same final rank, and peft's AdaLoRA,
 interleaved in one process; prints ratios (median step time). AdaLoRA runs its budget phase
 (importance update every step, masking every `delta_t`), the expensive part of its schedule.
 
-``accuracy``: AdaLoRA against LoRA at an equal final parameter count on Rotten Tomatoes, one epoch
-per run through ``peftkit train``, for each seed; prints held-out accuracy as mean ± std.
+``accuracy``: AdaLoRA (init_r 8 → average 4) against LoRA r=4, an equal final parameter count, on
+Rotten Tomatoes through ``peftkit train`` (batch 32, `--steps` steps: one epoch by default), for
+each seed; appends to <out>/results.jsonl and prints held-out accuracy as mean ± std
+(``summarize`` reprints it, e.g. after runs split over two processes).
 """
 
 from __future__ import annotations
@@ -68,9 +71,9 @@ def steptime(args: argparse.Namespace) -> None:
     print(f"  peftkit adalora / peft adalora: {times['adalora'] / times['peft-adalora']:.3f}")
 
 
-def run_cli(method: str, options: str, seed: int, out: Path, threads: int) -> dict:
+def run_cli(method: str, options: str, seed: int, steps: int, out: Path, threads: int) -> dict:
     cmd = [sys.executable, "-m", "peftkit", "train", "--method", method, "--method-options", options,
-           "--seed", str(seed), "--epochs", "1", "--batch-size", "32", "--threads", str(threads),
+           "--seed", str(seed), "--max-steps", str(steps), "--batch-size", "32", "--threads", str(threads),
            "--no-progress", "--no-eval-before", "--out", str(out / f"{method}-s{seed}"), "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -78,46 +81,60 @@ def run_cli(method: str, options: str, seed: int, out: Path, threads: int) -> di
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def accuracy(args: argparse.Namespace) -> None:
-    sites = 12  # query and value of MiniLM's 6 layers
-    t_init, t_final = STEPS_PER_EPOCH // 10, STEPS_PER_EPOCH // 5
-    runs = {
+def plan(args: argparse.Namespace) -> dict[str, str]:
+    t_init, t_final = args.steps // 10, args.steps // 5
+    return {
         "lora": f"r={args.target_r},alpha={2 * args.target_r}",
         "adalora": (f"init_r={args.init_r},target_r={args.target_r},alpha={2 * args.init_r},"
-                    f"total_steps={STEPS_PER_EPOCH},t_init={t_init},t_final={t_final},delta_t=10"),
+                    f"total_steps={args.steps},t_init={t_init},t_final={t_final},delta_t={max(1, args.steps // 20)}"),
     }
-    finals = {"lora": sites * args.target_r * (384 + 384), "adalora": sites * args.target_r * (384 + 384 + 1)}
-    results: dict[str, list[float]] = {k: [] for k in runs}
+
+
+def accuracy(args: argparse.Namespace) -> None:
+    runs = plan(args)
     out = Path(args.out)
-    log = out / "results.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
-        for method, options in runs.items():
-            result = run_cli(method, options, seed, out, args.threads)
-            results[method].append(result["metrics"]["accuracy"])
-            with log.open("a") as f:
-                f.write(json.dumps({"method": method, "seed": seed, "options": options, **result}) + "\n")
+        for method in args.methods:
+            result = run_cli(method, runs[method], seed, args.steps, out, args.threads)
+            with (out / "results.jsonl").open("a") as f:
+                f.write(json.dumps({"method": method, "seed": seed, "options": runs[method], **result}) + "\n")
             print(f"  {method:<8} seed {seed}: accuracy {result['metrics']['accuracy']:.4f} "
                   f"({result['train_seconds']:.0f} s)", flush=True)
-    for method, accs in results.items():
+    summarize(args)
+
+
+def summarize(args: argparse.Namespace) -> None:
+    """Mean ± std of every method in <out>/results.jsonl (runs may have been split over processes)."""
+    sites, width = 12, 384 + 384  # query and value of MiniLM's 6 layers, in + out
+    finals = {"lora": sites * args.target_r * width, "adalora": sites * args.target_r * (width + 1)}
+    rows = [json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines() if line]
+    for method in ("lora", "adalora"):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        accs = [r["metrics"]["accuracy"] for r in mine]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{method:<8} final adapter params {finals[method]:,} (+ head): accuracy "
-              f"{statistics.mean(accs):.4f} ± {spread:.4f} over seeds {args.seeds}  [{runs[method]}]")
+        print(f"{method:<8} final adapter params {finals[method]:,} (+ head): accuracy {statistics.mean(accs):.4f} "
+              f"± {spread:.4f} (seeds {[r['seed'] for r in mine]}, {mine[0]['steps']} steps of 32)  "
+              f"[{mine[0]['options']}]")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("steptime", "accuracy"):
+    for name in ("steptime", "accuracy", "summarize"):
         p = sub.add_parser(name)
         p.add_argument("--init-r", type=int, default=8)
         p.add_argument("--target-r", type=int, default=4)
         p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--out", default="/tmp/peftkit-adalora-accuracy")
     sub.choices["steptime"].add_argument("--repeats", type=int, default=8)
     sub.choices["accuracy"].add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    sub.choices["accuracy"].add_argument("--out", default="/tmp/peftkit-adalora-accuracy")
+    sub.choices["accuracy"].add_argument("--methods", nargs="+", choices=["lora", "adalora"], default=["lora", "adalora"])
+    sub.choices["accuracy"].add_argument("--steps", type=int, default=STEPS_PER_EPOCH)
     args = parser.parse_args()
-    steptime(args) if args.command == "steptime" else accuracy(args)
+    {"steptime": steptime, "accuracy": accuracy, "summarize": summarize}[args.command](args)
 
 
 if __name__ == "__main__":
