@@ -8,14 +8,16 @@ inside ``checkpoint-N/``::
     trainer = transformers.Trainer(model=tuned, args=args, train_dataset=ds, callbacks=[PeftkitCallback()])
 
 With the plain Trainer, checkpoints also hold the whole model's state dict (the Trainer's own
-format; resuming works). `PeftkitTrainer` is the same Trainer, but its checkpoints and
-``save_model()`` hold only the adapter (``adapter.safetensors`` + ``adapter.json``, loadable
-with ``peftkit.load``), which is small and also works for models with tied weights.
+format; resuming works). The Trainer cannot write models with tied weights (most causal LMs:
+"Some tensors share memory"); the callback warns about that. `PeftkitTrainer` is the same
+Trainer, but its checkpoints and ``save_model()`` hold only the adapter (``adapter.safetensors``
++ ``adapter.json``, loadable with ``peftkit.load``): small, and fine with tied weights.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,16 @@ def find_tuned(model: Any) -> TunedModel | None:
     return None
 
 
+def _shares_tensors(model: Any) -> bool:
+    seen = set()
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
+
+
 class PeftkitCallback(TrainerCallback):
     """Calls ``tuned.update(step)`` after each optimizer step and saves the adapter with checkpoints.
 
@@ -46,6 +58,14 @@ class PeftkitCallback(TrainerCallback):
 
     def __init__(self, save_adapter: bool = True) -> None:
         self.save_adapter = save_adapter
+        self.in_peftkit_trainer = False
+
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        tuned = find_tuned(model)
+        if tuned is not None and not self.in_peftkit_trainer and _shares_tensors(tuned):
+            warnings.warn("this model has tied (shared) weights, which transformers.Trainer cannot write in its "
+                          "checkpoints; train it with peftkit.train.PeftkitTrainer (same arguments), whose "
+                          "checkpoints hold only the adapter.", stacklevel=2)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         tuned = find_tuned(model)
@@ -65,9 +85,12 @@ class PeftkitTrainer(transformers.Trainer):
     """`transformers.Trainer` whose model files are the adapter only (see module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        if not any(isinstance(c, PeftkitCallback) or c is PeftkitCallback for c in callbacks):
+        callbacks = [c() if c is PeftkitCallback else c for c in kwargs.pop("callbacks", None) or []]
+        if not any(isinstance(c, PeftkitCallback) for c in callbacks):
             callbacks.append(PeftkitCallback(save_adapter=False))
+        for c in callbacks:
+            if isinstance(c, PeftkitCallback):
+                c.in_peftkit_trainer = True
         super().__init__(*args, callbacks=callbacks, **kwargs)
         if find_tuned(self.model) is None:
             raise TypeError("PeftkitTrainer needs a peftkit TunedModel (peftkit.attach(model, config)).")
