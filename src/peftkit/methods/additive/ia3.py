@@ -1,0 +1,110 @@
+"""(IA)³ — Infused Adapter by Inhibiting and Amplifying Inner Activations (Liu et al., NeurIPS 2022).
+
+Learned vectors rescale activations: on attention keys and values ``y = l ⊙ (W x + b)``, on the
+FFN down projection the *input* ``y = W (l ⊙ x) + b``. Placement: the key and value projections
+(a fused qkv projection such as GPT-2's ``c_attn`` is scaled as a whole, as PEFT does) and the FFN
+down projection of every block, found by `core.arch`; or any linear layers given as `targets`,
+with `feedforward` naming those scaled on the input. Init: ones, so the model is unchanged at init.
+Mergeable: ``W ← diag(l) W, b ← l ⊙ b`` (output) or ``W ← W diag(l)`` (input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...core import arch
+from ...core.config import SiteConfig
+from ...core.delta import Delta
+from ...core.layers import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.registry import Attachment, MethodSpec, register
+from ...core.select import Spec, as_entries, matches, select
+from .ia3_hf import IA3_CODEC
+
+
+@dataclass(frozen=True)
+class IA3Config(SiteConfig):
+    """Options of ``ia3``. `feedforward`: target entries whose layer is scaled on its input (default:
+    the FFN down projections when `targets` is not given, nothing otherwise)."""
+
+    method = "ia3"
+    feedforward: Spec = None
+
+
+class _Scale(Delta):
+    form = "scale"
+    mergeable = True
+
+    def __init__(self, base: nn.Module, size: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(size, dtype=delta_dtype(base), device=device_of(base)))
+
+
+class ScaleOutput(_Scale):
+    """``y = l ⊙ base(x)``, l ∈ R^{out}."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base, linear_dims(base)[1])
+
+    def transform_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y * self.scale.to(y.dtype)
+
+    def fold(self, base: nn.Module) -> None:
+        weight = linear_weight(base)
+        assign_linear_weight(base, weight * self.scale.to(weight.dtype).unsqueeze(1))
+        if isinstance(getattr(base, "bias", None), torch.Tensor):
+            base.bias.mul_(self.scale.to(base.bias.dtype))
+
+
+class ScaleInput(_Scale):
+    """``y = base(l ⊙ x)``, l ∈ R^{in}."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base, linear_dims(base)[0])
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype)
+
+    def fold(self, base: nn.Module) -> None:
+        weight = linear_weight(base)
+        assign_linear_weight(base, weight * self.scale.to(weight.dtype).unsqueeze(0))
+
+
+def plan(model: nn.Module, config: IA3Config) -> tuple[Any, list[str]]:
+    """(target spec, feed-forward entries) for `config` on `model`, defaults filled in."""
+    feedforward = as_entries(config.feedforward)
+    if config.targets is not None:
+        return config.targets, feedforward
+    option = "targets=[...] and feedforward=[...]"
+    ffn = [arch.require(roles, "ffn_out", option) for roles in arch.blocks(model)]
+    return arch.key_value(model) + ffn, feedforward or ffn
+
+
+def is_input_scaled(site: str, feedforward: list[str]) -> bool:
+    return any(matches(entry, site) for entry in feedforward)
+
+
+def build(model: nn.Module, config: IA3Config) -> Attachment:
+    targets, feedforward = plan(model, config)
+    sites = select(model, targets, exclude=config.exclude, layers=config.layers, accept=is_linear,
+                   accept_label="Linear and Conv1D layers")
+    attachment = Attachment()
+    for site in sites:
+        base = model.get_submodule(site)
+        base = getattr(base, "base_layer", base)
+        attachment.add(site, "ia3", ScaleInput(base) if is_input_scaled(site, feedforward) else ScaleOutput(base))
+    return attachment
+
+
+register(MethodSpec(
+    name="ia3",
+    family="additive",
+    config_cls=IA3Config,
+    build=build,
+    summary="Learned vectors scaling keys, values and the FFN down-projection input; mergeable.",
+    hf=IA3_CODEC,
+    identity_at_init=True,
+))
