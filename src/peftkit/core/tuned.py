@@ -79,6 +79,7 @@ class TunedModel(nn.Module):
         self.model = model
         self.model_deltas = nn.ModuleDict()
         object.__setattr__(self, "context", SiteContext())
+        _expose_forward_signature(self)
         self._configs: dict[str, MethodConfig] = {}
         self._sites: dict[str, list[str]] = {}
         self._controllers: dict[str, registry.Controller] = {}
@@ -465,3 +466,28 @@ def attach(model: nn.Module, config: MethodConfig, name: str = "default", *, tra
     """Attach an adapter built from `config` to `model` (a plain model or a TunedModel)."""
     tuned = model if isinstance(model, TunedModel) else TunedModel(model)
     return tuned.attach(config, name, trainable=trainable)
+
+
+def _expose_forward_signature(tuned: TunedModel) -> None:
+    """Give this instance's ``forward`` the wrapped model's signature (plus ``adapter_names``).
+
+    Tools read a model's accepted inputs from ``inspect.signature(model.forward)`` (e.g.
+    ``transformers.Trainer`` drops dataset columns that are not forward parameters); the class's
+    generic ``forward(*args, **kwargs)`` would make them drop everything.
+    """
+    import functools
+    import inspect
+
+    try:
+        inner = inspect.signature(tuned.model.forward)
+    except (TypeError, ValueError):
+        return
+    kinds = inspect.Parameter
+    params = [p for p in inner.parameters.values() if p.name != "adapter_names"]
+    head = [p for p in params if p.kind < kinds.KEYWORD_ONLY]
+    keyword = [p for p in params if p.kind == kinds.KEYWORD_ONLY]
+    rest = [p for p in params if p.kind == kinds.VAR_KEYWORD]
+    routed = kinds("adapter_names", kinds.KEYWORD_ONLY, default=None)
+    forward = functools.partial(TunedModel.forward, tuned)
+    forward.__signature__ = inner.replace(parameters=[*head, *keyword, routed, *rest])  # type: ignore[attr-defined]
+    tuned.__dict__["forward"] = forward
