@@ -1,0 +1,144 @@
+"""The default main job end to end: `peftkit train` against the same job written with
+`transformers.Trainer` + `peft` (same model, data and split, LoRA config, optimiser, schedule,
+batch size, steps, max length, evaluation before and after, adapter saved at the end).
+
+    .venv/bin/python benchmarks/train_e2e.py [--repeats 1] [--max-steps N] [--threads N] [--hf-group-by-length]
+
+Each side runs as a fresh process (imports, model load, tokenisation, eval before, training,
+eval after, saving: the whole job), alternating peftkit / HF, and the wall times are compared as
+a ratio (peftkit / HF; < 1 is faster) with the held-out accuracy of both. Both sides get the
+same torch thread count. The HF script uses dynamic padding (DataCollatorWithPadding), as the
+usual Trainer recipe does; ``--hf-group-by-length`` also gives it length-grouped batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The default job's settings (peftkit.train.config defaults for classification on minilm).
+LR, BATCH, EPOCHS, WARMUP, MAX_LEN, EVAL_BATCH, SEED = 1e-3, 32, 1.0, 0.06, 128, 128, 0
+LORA = dict(r=8, alpha=16, dropout=0.0, targets=["query", "value"])
+
+
+def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool) -> dict:
+    """The job with transformers.Trainer + peft; returns the same fields as `peftkit train --json`."""
+    import torch
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+    from transformers.utils import logging
+
+    from peftkit import assets
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    path = assets.model_path("minilm")
+    ds = assets.rotten_tomatoes()
+    tok = AutoTokenizer.from_pretrained(path)
+    train = [r for r, held in zip(ds.records, ds.split, strict=True) if not held]
+    test = [r for r, held in zip(ds.records, ds.split, strict=True) if held]
+
+    def encode(rows: list[dict]) -> list[dict]:
+        enc = tok([r["text"] for r in rows], truncation=True, max_length=MAX_LEN)
+        return [{"input_ids": ids, "attention_mask": m, "labels": r["label"]}
+                for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], rows, strict=True)]
+
+    train_set, test_set = encode(train), encode(test)
+    torch.manual_seed(SEED)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules=LORA["targets"], task_type="SEQ_CLS"))
+
+    def accuracy(pred) -> dict:
+        return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    args = TrainingArguments(
+        output_dir=out, learning_rate=LR, per_device_train_batch_size=BATCH, per_device_eval_batch_size=EVAL_BATCH,
+        num_train_epochs=EPOCHS, max_steps=max_steps or -1, warmup_ratio=WARMUP, lr_scheduler_type="linear",
+        weight_decay=0.0, max_grad_norm=1.0, seed=SEED, data_seed=SEED, save_strategy="no", report_to=[],
+        logging_steps=50, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, group_by_length=group_by_length)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
+                      data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy)
+    before = trainer.evaluate()
+    t0 = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+    after = trainer.evaluate()
+    model.save_pretrained(os.path.join(out, "adapter"))
+    return {"metrics": {"accuracy": after["eval_accuracy"], "loss": after["eval_loss"]},
+            "metrics_before": {"accuracy": before["eval_accuracy"]}, "train_seconds": train_seconds,
+            "steps": trainer.state.global_step, "job_seconds": time.perf_counter() - start}
+
+
+def run_side(side: str, threads: int, max_steps: int | None, group_by_length: bool) -> tuple[float, dict]:
+    out = tempfile.mkdtemp(prefix=f"e2e-{side}-")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if side == "peftkit":
+        cmd = [sys.executable, "-m", "peftkit", "train", "--out", out, "--threads", str(threads), "--no-progress",
+               "--json"] + (["--max-steps", str(max_steps)] if max_steps else [])
+    else:
+        cmd = [sys.executable, __file__, "--side", "hf", "--out", out, "--threads", str(threads)]
+        cmd += (["--max-steps", str(max_steps)] if max_steps else []) + (["--hf-group-by-length"] if group_by_length else [])
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{side} failed:\n{done.stderr[-3000:]}")
+    return wall, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="shorter runs (default: the full epoch)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--hf-group-by-length", action="store_true")
+    parser.add_argument("--side", choices=["hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side == "hf":
+        print(json.dumps(hf_job(args.out, args.threads, args.max_steps, args.hf_group_by_length)))
+        return
+    runs: dict[str, list[tuple[float, dict]]] = {"peftkit": [], "hf": []}
+    for i in range(args.repeats):
+        order = ("peftkit", "hf") if i % 2 == 0 else ("hf", "peftkit")
+        for side in order:
+            wall, result = run_side(side, args.threads, args.max_steps, args.hf_group_by_length)
+            runs[side].append((wall, result))
+            print(json.dumps({"side": side, "wall_s": round(wall, 1), "train_s": round(result["train_seconds"], 1),
+                              "steps": result["steps"], "accuracy": round(result["metrics"]["accuracy"], 4)}),
+                  flush=True)
+    walls = {s: statistics.median(w for w, _ in r) for s, r in runs.items()}
+    trains = {s: statistics.median(x["train_seconds"] for _, x in r) for s, r in runs.items()}
+    accs = {s: statistics.median(x["metrics"]["accuracy"] for _, x in r) for s, r in runs.items()}
+    print(json.dumps({
+        "wall_ratio_peftkit_over_hf": round(walls["peftkit"] / walls["hf"], 3),
+        "train_ratio_peftkit_over_hf": round(trains["peftkit"] / trains["hf"], 3),
+        "wall_s": {k: round(v, 1) for k, v in walls.items()},
+        "train_s": {k: round(v, 1) for k, v in trains.items()},
+        "accuracy": {k: round(v, 4) for k, v in accs.items()},
+        "threads": args.threads, "repeats": args.repeats, "hf_group_by_length": args.hf_group_by_length,
+        "load_average": os.getloadavg()[0],
+    }))
+
+
+if __name__ == "__main__":
+    main()
