@@ -10,7 +10,7 @@ interleaved in one process; prints ratios (median step time). AdaLoRA runs its b
 (importance update every step, masking every `delta_t`), the expensive part of its schedule.
 
 ``accuracy``: AdaLoRA (init_r 8 → average 4) against LoRA r=4, an equal final parameter count, on
-Rotten Tomatoes through ``peftkit train`` (batch 32, `--steps` steps: one epoch by default), for
+Rotten Tomatoes through ``peftkit train`` (`--steps` of `--batch-size`: one epoch of 32 by default), for
 each seed; appends to <out>/results.jsonl and prints held-out accuracy as mean ± std
 (``summarize`` reprints it, e.g. after runs split over two processes).
 """
@@ -71,10 +71,11 @@ def steptime(args: argparse.Namespace) -> None:
     print(f"  peftkit adalora / peft adalora: {times['adalora'] / times['peft-adalora']:.3f}")
 
 
-def run_cli(method: str, options: str, seed: int, steps: int, out: Path, threads: int) -> dict:
+def run_cli(method: str, options: str, seed: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "peftkit", "train", "--method", method, "--method-options", options,
-           "--seed", str(seed), "--max-steps", str(steps), "--batch-size", "32", "--threads", str(threads),
-           "--no-progress", "--no-eval-before", "--out", str(out / f"{method}-s{seed}"), "--json"]
+           "--seed", str(seed), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+           "--lr", str(args.lr), "--threads", str(args.threads), "--no-progress", "--no-eval-before",
+           "--out", str(Path(args.out) / f"{method}-s{seed}"), "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -96,9 +97,10 @@ def accuracy(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         for method in args.methods:
-            result = run_cli(method, runs[method], seed, args.steps, out, args.threads)
+            result = run_cli(method, runs[method], seed, args)
             with (out / "results.jsonl").open("a") as f:
-                f.write(json.dumps({"method": method, "seed": seed, "options": runs[method], **result}) + "\n")
+                f.write(json.dumps({"method": method, "seed": seed, "options": runs[method], "lr": args.lr,
+                                    "batch_size": args.batch_size, **result}) + "\n")
             print(f"  {method:<8} seed {seed}: accuracy {result['metrics']['accuracy']:.4f} "
                   f"({result['train_seconds']:.0f} s)", flush=True)
     summarize(args)
@@ -116,7 +118,8 @@ def summarize(args: argparse.Namespace) -> None:
         accs = [r["metrics"]["accuracy"] for r in mine]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"{method:<8} final adapter params {finals[method]:,} (+ head): accuracy {statistics.mean(accs):.4f} "
-              f"± {spread:.4f} (seeds {[r['seed'] for r in mine]}, {mine[0]['steps']} steps of 32)  "
+              f"± {spread:.4f} (seeds {[r['seed'] for r in mine]}, {mine[0]['steps']} steps of {mine[0]['batch_size']}, "
+              f"lr {mine[0]['lr']})  "
               f"[{mine[0]['options']}]")
 
 
@@ -133,6 +136,8 @@ def main() -> None:
     sub.choices["accuracy"].add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     sub.choices["accuracy"].add_argument("--methods", nargs="+", choices=["lora", "adalora"], default=["lora", "adalora"])
     sub.choices["accuracy"].add_argument("--steps", type=int, default=STEPS_PER_EPOCH)
+    sub.choices["accuracy"].add_argument("--batch-size", type=int, default=32)
+    sub.choices["accuracy"].add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
     {"steptime": steptime, "accuracy": accuracy, "summarize": summarize}[args.command](args)
 

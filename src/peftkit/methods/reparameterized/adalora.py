@@ -70,8 +70,9 @@ class AdaLoraConfig(SiteConfig):
             return isinstance(v, int) and not isinstance(v, bool)
 
         yield from check(is_int(self.init_r) and self.init_r > 0, f"init_r must be a positive integer, got {self.init_r!r}")
-        yield from check(isinstance(self.target_r, int | float) and 0 < self.target_r <= (self.init_r or 0),
-                         f"target_r must be in (0, init_r={self.init_r}], got {self.target_r!r}")
+        if self.budget is None:
+            yield from check(isinstance(self.target_r, int | float) and 0 < self.target_r <= (self.init_r or 0),
+                             f"target_r must be in (0, init_r={self.init_r}], got {self.target_r!r}")
         yield from check(self.budget is None or (is_int(self.budget) and self.budget > 0),
                          f"budget must be a positive integer (total ranks kept) or None, got {self.budget!r}")
         yield from check(is_int(self.total_steps) and self.total_steps > 0,
