@@ -16,15 +16,15 @@ VARIANTS: dict[str, list[dict]] = {
     "lora": [{}, {"rslora": True, "r": 4}, {"dora": True}, {"targets": "all-linear", "bias": "lora_only"}],
     "adalora": [{"total_steps": 20}, {"total_steps": 20, "init_r": 4, "target_r": 2, "targets": "all-linear"}],
     "bitfit": [{}, {"biases": ["ffn_in", "attn_out"], "layers": "-1:"}],
-    "layer_tuning": [{}, {"layers": [0]}],
+    "layer_tuning": [{}],
     "compose": [
         {"parts": [{"method": "lora"}, {"method": "ln_tuning", "layers": [1]}, {"method": "layer_tuning", "layers": [0]}]},
         {"parts": [{"method": "lora", "r": 2}, {"method": "sparse_adapter", "base": "lora", "score": "random"}],
          "gates": True},
     ],
     "sparse_adapter": [
-        {"base": "lora", "score": "magnitude", "params": "A", "sparsity": 0.4},
-        {"base": "lora", "score": "random", "scope": "per-layer", "sparsity": 0.8, "base_options": {"targets": "all-linear"}},
+        {"score": "magnitude", "sparsity": 0.8},
+        {"base": "parallel_adapter", "score": "random", "scope": "per-layer", "base_options": {"bottleneck": 8}},
     ],
     # additive family
     "adapter": [{}, {"placement": "pfeiffer", "reduction_factor": 4, "activation": "gelu"}],

@@ -87,7 +87,7 @@ def test_gates_start_at_half_learn_and_keep_identity():
     config = peftkit.config("compose", parts=[{"method": "lora", "r": 4}, {"method": "bitfit"}], gates=[True, False])
     tuned = peftkit.attach(BUILDERS["bert"](), config)
     gated = [d for _, d in tuned.deltas("default") if isinstance(d, GatedDelta)]
-    assert gated and all(d.form == "reparam" for d in gated)
+    assert gated and all(d.form == "reparam+gate" for d in gated)
     torch.testing.assert_close(_run(tuned, inputs), reference, atol=1e-6, rtol=0)  # LoRA's B = 0: still identity
     x = torch.randn(3, 5, 32)
     assert torch.equal(gated[0].gate("contribution", x), torch.full((3, 5, 1), 0.5))
@@ -101,3 +101,33 @@ def test_gating_a_select_part_is_an_error():
     config = peftkit.config("compose", parts=[{"method": "lora"}, {"method": "ln_tuning"}], gates=True)
     with pytest.raises(peftkit.ConfigError, match="part 1 .ln_tuning. has no delta that can be gated"):
         peftkit.attach(BUILDERS["bert"](), config)
+
+
+def test_mam_is_prefix_plus_scaled_parallel_adapter():
+    from peftkit.methods.additive.parallel_adapter import ParallelAdapter
+
+    tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config("mam"))
+    parts = tuned.config_of("default").parts(tuned.model).parts
+    assert [p.method for p in parts] == ["prefix_tuning", "parallel_adapter"]
+    assert parts[0].num_virtual_tokens == 30 and parts[0].reparam_hidden == 25  # 800 · 32/1024
+    adapters = [d for _, d in tuned.deltas("default") if isinstance(d, ParallelAdapter)]
+    assert len(adapters) == 2 and all(a.net.down.weight.shape[0] == 16 and a.scale == 4.0 for a in adapters)
+    assert "default" in tuned.model_deltas
+    with pytest.raises(peftkit.NotMergeableError):
+        tuned.merge_adapter()
+
+
+def test_unipelt_gates_lora_and_adapter_trains_saves_loads(tmp_path):
+    inputs = batch("bert")
+    tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config("unipelt", bottleneck=8, prefix_length=4))
+    gated = {d.inner.form for _, d in tuned.deltas("default") if isinstance(d, GatedDelta)}
+    assert gated == {"reparam", "sequential"}  # LoRA on q/v and the FFN adapter; the prefix is not gateable
+    assert "default" in tuned.model_deltas
+    losses = _train(tuned, inputs, steps=6)
+    assert losses[-1] < losses[0]
+    expected = _run(tuned, inputs)
+    tuned.save(tmp_path / "u")
+    loaded = peftkit.load(BUILDERS["bert"](), tmp_path / "u")
+    assert torch.equal(_run(loaded, inputs), expected)
+    with pytest.raises(peftkit.AdapterStateError, match="mixed-adapter"):
+        _run(loaded, batch("bert", batch_size=2), adapter_names=["default", None])

@@ -26,8 +26,8 @@ def _calibrated(model_name, **options):
     return tuned
 
 
-@pytest.mark.parametrize("score", ["magnitude", "random", "snip", "grasp"])
-@pytest.mark.parametrize("scope", ["global", "per-layer"])
+@pytest.mark.parametrize("score,scope", [("magnitude", "global"), ("random", "per-layer"), ("snip", "global"),
+                                         ("grasp", "per-layer")])
 def test_masks_keep_exactly_the_asked_density(score, scope):
     sparsity = 0.7
     options = {"score": score, "scope": scope, "sparsity": sparsity}
@@ -165,3 +165,16 @@ def test_pack_roundtrip_and_config_errors():
     with pytest.raises(peftkit.ConfigError, match="base_options"):
         peftkit.config("sparse_adapter", base="lora", base_options={"rank": 4})
     assert isinstance(MaskedDelta, type)
+
+
+def test_two_sparse_parts_in_one_adapter_keep_their_own_settings():
+    parts = [{"method": "sparse_adapter", "base": "lora", "score": "snip", "sparsity": 0.5, "params": "A"},
+             {"method": "sparse_adapter", "base": "parallel_adapter", "score": "snip", "sparsity": 0.9,
+              "base_options": {"bottleneck": 8}}]
+    tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config("compose", parts=parts))
+    assert peftkit.needs_calibration(tuned) == ["default"]
+    peftkit.calibrate(tuned, [batch("bert")])
+    for part in tuned.config_of("default").parts:
+        pairs = [(d, n) for d in masked_deltas(tuned, "default", part) for n in d.prunable]
+        total = sum(d.mask(n).numel() for d, n in pairs)
+        assert sum(int(d.mask(n).sum()) for d, n in pairs) == round(total * (1 - part.sparsity))

@@ -74,7 +74,8 @@ class ComposeConfig(MethodConfig):
 
 def _gated(model: nn.Module, attachment: Attachment, index: int, part: MethodConfig) -> Attachment:
     """Every gateable delta of the part behind its own gate; select-form deltas (e.g. the norms a
-    Houlsby adapter trains) stay as they are. A part with nothing gateable is an error."""
+    Houlsby adapter trains) and deltas without parameters (input taps) stay as they are. A part with
+    nothing gateable is an error."""
     where = f"part {index} ({part.method})"
     if attachment.model_deltas:
         slots = ", ".join(attachment.model_deltas)
@@ -85,7 +86,7 @@ def _gated(model: nn.Module, attachment: Attachment, index: int, part: MethodCon
         base = model.get_submodule(site)
         base = getattr(base, "base_layer", base)
         for slot, delta in slots.items():
-            if delta.hooks and delta.hooks <= GATEABLE:
+            if delta.hooks and delta.hooks <= GATEABLE and any(True for _ in delta.trainable_parameters()):
                 delta, count = GatedDelta(delta, base, model, where=f" ({where} at {site})"), count + 1
             gated.add(site, slot, delta)
     if not count:

@@ -57,7 +57,7 @@ class GatedDelta(Delta):
                               "Set this part's gate to false.")
         self.inner = inner
         self.hooks = inner.hooks  # per instance: the host runs exactly the inner delta's hooks
-        self.form = inner.form
+        self.form = f"{inner.form}+gate"
         in_dim, out_dim = feature_dims(base, model)
         from_input = in_dim is not None and not isinstance(base, nn.Embedding)
         self.contribution_from_input = from_input

@@ -66,15 +66,13 @@ class SparseWeight(nn.Module):
 
 def default_prunable(inner: nn.Module, params: Any = None) -> list[str]:
     """Names of the inner delta's tensors to prune: those matching `params` (exact name or dotted
-    suffix), or by default every tensor with 2+ dimensions (weights; biases and vectors stay dense)."""
+    suffix), or by default every tensor with 2+ dimensions (weights; biases and vectors stay dense).
+    May be empty (e.g. the norm copies a Houlsby adapter trains)."""
     named = dict(inner.named_parameters())
     if params is None:
         return [n for n, p in named.items() if p.dim() >= 2]
     entries = as_entries(params)
-    chosen = [n for n in named if any(n == e or n.endswith("." + e) for e in entries)]
-    if not chosen:
-        raise ConfigError(f"params={params!r} matches none of the delta's tensors {sorted(named)}.")
-    return chosen
+    return [n for n in named if any(n == e or n.endswith("." + e) for e in entries)]
 
 
 class MaskedDelta(Delta):
@@ -82,7 +80,7 @@ class MaskedDelta(Delta):
 
     form = "mask"
 
-    def __init__(self, inner: Delta, prunable: list[str], awaiting: str | None = None) -> None:
+    def __init__(self, inner: Delta, prunable: list[str], awaiting: str | None = None, owner: Any = None) -> None:
         super().__init__()
         if type(inner).export_state is not Delta.export_state or type(inner).import_state is not Delta.import_state:
             raise ConfigError(f"{type(inner).__name__} saves its state its own way; masks need a delta whose "
@@ -93,10 +91,11 @@ class MaskedDelta(Delta):
         self.prunable = list(prunable)
         self.awaiting = awaiting  # the data-driven score still to compute, or None once pruned
         self.calibrating = False
+        self.owner = owner  # what chose the mask (a config): several masked parts can share one adapter
         for name in self.prunable:
-            owner, leaf = self._owner(name)
-            weight = getattr(owner, leaf)
-            parametrize.register_parametrization(owner, leaf, SparseWeight(weight.shape, weight.device))
+            module, leaf = self._owner(name)
+            weight = getattr(module, leaf)
+            parametrize.register_parametrization(module, leaf, SparseWeight(weight.shape, weight.device))
 
     # -- the pruned tensors ------------------------------------------------------------------
     def _owner(self, name: str) -> tuple[nn.Module, str]:

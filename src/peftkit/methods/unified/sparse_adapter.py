@@ -80,9 +80,11 @@ class SparseAdapterConfig(MethodConfig):
         return registry.config(self.base, **{k: v for k, v in self.base_options.items() if k != "method"})
 
 
-def masked_deltas(tuned: Any, name: str) -> list[MaskedDelta]:
-    """Every MaskedDelta of adapter `name`, also inside wrappers (gates, compositions)."""
-    return [m for _, d in tuned.deltas(name) for m in d.modules() if isinstance(m, MaskedDelta)]
+def masked_deltas(tuned: Any, name: str, owner: Any = None) -> list[MaskedDelta]:
+    """The MaskedDeltas of adapter `name` (of one config, if `owner` is given), also inside wrappers
+    (gates, compositions)."""
+    return [m for _, d in tuned.deltas(name) for m in d.modules()
+            if isinstance(m, MaskedDelta) and (owner is None or m.owner == owner)]
 
 
 def _weights(deltas: Sequence[MaskedDelta]) -> dict[str, torch.Tensor]:
@@ -114,11 +116,15 @@ def build(model: nn.Module, config: SparseAdapterConfig) -> Attachment:
     attachment, deltas = Attachment(), []
     for site, slots in inner.sites.items():
         for slot, delta in slots.items():
-            masked = MaskedDelta(delta, default_prunable(delta, config.params), awaiting)
-            attachment.add(site, slot, masked)
-            deltas.append(masked)
-    if not any(d.prunable for d in deltas):
-        raise ConfigError(f"base {config.base!r} has no weight tensor to prune (params={config.params!r}).")
+            prunable = default_prunable(delta, config.params)
+            if prunable:  # deltas with nothing to prune (norm copies, input taps) stay as they are
+                delta = MaskedDelta(delta, prunable, awaiting, owner=config)
+                deltas.append(delta)
+            attachment.add(site, slot, delta)
+    if not deltas:
+        names = sorted({n for slots in inner.sites.values() for d in slots.values() for n, _ in d.named_parameters()})
+        raise ConfigError(f"base {config.base!r} has no tensor to prune for params={config.params!r}; "
+                          f"its deltas hold {names[:8]}.")
     if awaiting is None:
         prune_at_init(deltas, config)
     return attachment
@@ -126,14 +132,16 @@ def build(model: nn.Module, config: SparseAdapterConfig) -> Attachment:
 
 @contextlib.contextmanager
 def _scoring(tuned: Any, name: str, deltas: Sequence[MaskedDelta]) -> Iterator[None]:
-    """Only adapter `name` active, eval mode (no dropout), masks' values differentiable."""
+    """Only adapter `name` active, eval mode (no dropout), `deltas`' values differentiable; every
+    masked part of the adapter runs (dense while its own mask is pending)."""
     ctx = tuned.context
     saved = (ctx.active, dict(ctx.weights), ctx.disabled, tuned.training)
     values = [d.kept_values(n) for d in deltas for n in d.prunable]
     flags = [v.requires_grad for v in values]
+    everything = masked_deltas(tuned, name)
     ctx.active, ctx.weights, ctx.disabled = (name,), {}, False
     tuned.eval()
-    for d in deltas:
+    for d in everything:
         d.calibrating = True
     for v in values:
         v.requires_grad_(True)
@@ -142,7 +150,7 @@ def _scoring(tuned: Any, name: str, deltas: Sequence[MaskedDelta]) -> Iterator[N
     finally:
         ctx.active, ctx.weights, ctx.disabled = saved[0], saved[1], saved[2]
         tuned.train(saved[3])
-        for d in deltas:
+        for d in everything:
             d.calibrating = False
         for v, flag in zip(values, flags, strict=True):
             v.requires_grad_(flag)
@@ -166,10 +174,10 @@ class SparseController(Controller):
         self.config = config
 
     def needs_calibration(self, tuned: Any, name: str) -> bool:
-        return any(d.awaiting for d in masked_deltas(tuned, name))
+        return any(d.awaiting for d in masked_deltas(tuned, name, self.config))
 
     def calibrate(self, tuned: Any, name: str, batches: Any, loss_fn: Any = None) -> None:
-        deltas = [d for d in masked_deltas(tuned, name) if d.awaiting]
+        deltas = [d for d in masked_deltas(tuned, name, self.config) if d.awaiting]
         if not deltas:
             return
         keys = [f"{i}/{n}" for i, d in enumerate(deltas) for n in d.prunable]
