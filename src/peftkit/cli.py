@@ -155,6 +155,7 @@ for _name in ("eval", "generate", "merge", "info", "methods"):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``peftkit`` and ``python -m peftkit``; returns the exit status."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # tokenise in this process; no fork warnings
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -174,3 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeftkitError as err:
         print(f"peftkit: error: {err}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `peftkit ... | head`
+        sys.stderr.close()
+        return 0
