@@ -114,7 +114,7 @@ def _guard_out(job: Job, resume: Path | None) -> None:
         doc = read(folder)
     except CheckpointError:
         return
-    if doc.get("step", 0) < doc.get("total_steps", 0):
+    if not doc.get("finished") and doc.get("step", 0) < doc.get("total_steps", 0):
         raise CheckpointError(f"{job.out} holds an unfinished run (step {doc['step']} of {doc['total_steps']}); "
                               "pass --resume to continue it, or choose another --out.")
 
@@ -135,9 +135,7 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
     prepared = data_mod.prepare(cfg, tok, job.task, job.source, job.eval_source)
     if cfg.num_labels is not None and prepared.num_labels is not None:
         prepared.num_labels = max(prepared.num_labels, cfg.num_labels)
-    model = models.load(job.model_path, job.task, prepared.num_labels, tok.pad_token_id)
-    if cfg.quantize:
-        model = quantize_base(model, cfg.quantize)
+    model = _load_model(job, prepared.num_labels, tok.pad_token_id)
     import peftkit
 
     torch.manual_seed(cfg.seed)
@@ -146,6 +144,23 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
     if cfg.gradient_checkpointing:
         tuned.gradient_checkpointing_enable()
     return tok, prepared, tuned
+
+
+def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.nn.Module:
+    """The base model; with --quantize (or a method that quantizes its base, like qlora) it is
+    quantized while loading, tensor by tensor, so no full-precision copy is ever held."""
+    from ..quant import base_quantization, load_quantized
+
+    quant = base_quantization(job.method_cfg, job.cfg.quantize)
+    if not quant:
+        return models.load(job.model_path, job.task, num_labels, pad_id)
+    task = "classification" if job.task == "classification" else "causal-lm"
+    extra = {"num_labels": num_labels or 2} if task == "classification" else {}
+    with models.quiet_transformers():
+        model = load_quantized(job.model_path, task=task, **quant, **extra)
+    if task == "classification" and pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id  # decoder classifiers pool the last non-pad token
+    return model
 
 
 def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..core.errors import PeftkitError
 from . import checkpoint as ckpt
 from .batches import collate, epoch_batches, eval_batches, micro_batches
 from .config import TrainConfig
@@ -107,7 +108,7 @@ class Trainer:
         self.device = self.dist.device
         params = [p for p in tuned.parameters() if p.requires_grad]
         if not params:
-            raise ckpt.PeftkitError("the model has no trainable parameters; attach an adapter first.")
+            raise PeftkitError("the model has no trainable parameters; attach an adapter first.")
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model = wrap(tuned, self.dist)
@@ -120,10 +121,11 @@ class Trainer:
         w = cfg.warmup
         self.warmup_steps = int(w) if w >= 1 else int(round(w * self.total_steps))
         self.metric = cfg.metric or ("accuracy" if data.task == "classification" else "loss")
-        self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0}
+        self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0,
+                                      "finished": False, "stopped_early": False}
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
         if n < self.pieces:
-            raise ckpt.PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
+            raise PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
                                     "lower --batch-size / --grad-accum or add data.")
 
     # -- checkpoint identity ---------------------------------------------------------------------
@@ -161,8 +163,8 @@ class Trainer:
             ctl = getattr(self.tuned, "_controllers", {}).get(name)
             if ctl is not None and hasattr(ctl, "load_state_dict"):
                 ctl.load_state_dict(state)
-        for key in ("step", "best", "bad_evals", "history", "elapsed"):
-            self.state[key] = doc[key]
+        for key in ("step", "best", "bad_evals", "history", "elapsed", "stopped_early"):
+            self.state[key] = doc.get(key, self.state[key])
 
     # -- batches ----------------------------------------------------------------------------------
     def _batch(self, step: int) -> list[int]:
@@ -247,11 +249,16 @@ class Trainer:
         elapsed0 = self.state["elapsed"]
         t0 = time.perf_counter()
         bar = self._progress(start)
-        stopped_early = False
+        stopped_early = self.state["stopped_early"]
+        end = start if stopped_early else self.total_steps
         window_tokens, window_t = 0, time.perf_counter()
         with _stop_signals(flag):
-            for step in range(start, self.total_steps):
+            for step in range(start, end):
                 loss, tokens = self._step(step)
+                if not math.isfinite(loss):
+                    raise PeftkitError(f"the training loss became {loss} at step {step + 1}; lower --lr (now "
+                                       f"{cfg.lr:g}) or --max-grad-norm, or check the data. The last checkpoint "
+                                       "is kept.")
                 self.state["step"] = step + 1
                 self.state["elapsed"] = elapsed0 + time.perf_counter() - t0
                 window_tokens += tokens
@@ -282,6 +289,7 @@ class Trainer:
         metrics = self.evaluate()
         if metrics:
             self._after_eval(self.state["step"], metrics)
+        self.state["finished"], self.state["stopped_early"] = True, stopped_early
         self.save_checkpoint()
         return FitResult(self.state["step"], train_seconds, metrics, self.state["best"], self.state["history"],
                          stopped_early)
