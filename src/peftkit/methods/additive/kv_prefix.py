@@ -3,10 +3,11 @@
 
 Transformers 5 sends every attention computation through ``ALL_ATTENTION_FUNCTIONS[
 config._attn_implementation]``. While an adapter with key/value rows runs, the configs of the
-model's attention modules name `NAME`, registered here: a function that puts the rows before the
-module's keys and values, widens the attention mask so that every query sees them, and calls the
-implementation the model had (eager, sdpa, flash). A call without rows passes straight through, so
-the swap is invisible to anything else.
+model's attention modules name ``"peftkit_kv_prefix:<the implementation they had>"``, registered
+here: a function that puts the rows before the module's keys and values, widens the attention mask
+so that every query sees them, and calls the original implementation (eager, sdpa, flash), with
+that implementation's mask function. A call without rows passes straight through, so the swap is
+invisible to anything else, and the name alone says how to undo it.
 
 The rows reach the function in two ways: as a keyword argument of the forward call (transformers
 hands it down to the attention function; gradient checkpointing replays it with the layer), and in
@@ -23,6 +24,7 @@ the pre-filled cache. This route needs none of that (see benchmarks/additive.py 
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -54,22 +56,26 @@ class KeyValueRows:
 
 
 _ACTIVE: list[KeyValueRows] = []  # registry of the calls now running
-_ROUTED: dict[int, tuple[weakref.ref, str | None, int]] = {}  # id(config) -> (config, original name, users)
+_USERS: dict[int, tuple[weakref.ref, int]] = {}  # id(config) -> (config, calls holding the route)
 
 
-def _original_name(module: nn.Module) -> str | None:
-    config = getattr(module, "config", None)
-    entry = _ROUTED.get(id(config))
-    if entry is None or entry[0]() is not config:
-        raise ConfigError(f"{type(module).__name__} reached peftkit's key/value prefix attention without being "
-                          "routed; its config is not the one of the model's attention modules.")
-    return entry[1]
+def routed_name(original: str | None) -> str:
+    """The implementation name that routes through prefixes and then `original` (registered here)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    original = original or "eager"
+    name = f"{NAME}:{original}"
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, functools.partial(prefixed_attention, original=original))
+        AttentionMaskInterface.register(name, functools.partial(_mask_function, original=original))
+    return name
 
 
-def _original_function(module: nn.Module, name: str | None) -> Callable[..., Any]:
+def _original_function(module: nn.Module, name: str) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if name not in (None, "eager") and name in ALL_ATTENTION_FUNCTIONS:
+    if name != "eager" and name in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[name]
     eager = getattr(inspect.getmodule(type(module)), "eager_attention_forward", None)
     if eager is None:
@@ -78,17 +84,17 @@ def _original_function(module: nn.Module, name: str | None) -> Callable[..., Any
     return eager
 
 
-def _causal_mask(module: nn.Module, query: torch.Tensor, key: torch.Tensor, name: str | None,
+def _causal_mask(module: nn.Module, query: torch.Tensor, key: torch.Tensor, name: str,
                  kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The mask the implementation would have implied by passing None (causal or nothing)."""
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     q_len, k_len = query.shape[2], key.shape[2]
-    if not causal or q_len == 1 or (name or "").startswith("flash"):
+    if not causal or q_len == 1 or name.startswith("flash"):
         return None  # flash aligns causal masks bottom-right by itself
     rows = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
     allowed = (rows >= torch.arange(k_len, device=query.device)[None, :]).view(1, 1, q_len, k_len)
-    if name in (None, "eager"):
+    if name == "eager":
         return torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~allowed, torch.finfo(query.dtype).min)
     return allowed
@@ -112,10 +118,9 @@ def _rows_for(module: nn.Module, carried: KeyValueRows | None) -> list[Rows]:
 
 
 def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: Any, **kwargs: Any) -> Any:
-    """The registered attention function: rows in front of key/value, then the original one."""
+                       attention_mask: Any, *, original: str, **kwargs: Any) -> Any:
+    """The registered attention function: rows in front of key/value, then the `original` one."""
     rows = _rows_for(module, kwargs.pop(KWARG, None))
-    name = _original_name(module)
     if rows:
         batch = key.shape[0]
         keys = torch.cat([k for k, _ in rows], dim=1)  # (H_kv, P, D)
@@ -125,52 +130,36 @@ def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                               f"{type(module).__name__} uses {key.shape[1]} of size {key.shape[3]}; "
                               "set num_kv_heads=... and head_dim=... to match the model.")
         if attention_mask is None:
-            attention_mask = _causal_mask(module, query, key, name, kwargs)
+            attention_mask = _causal_mask(module, query, key, original, kwargs)
         if attention_mask is not None:
             attention_mask = _widen(attention_mask, keys.shape[1])
         key = torch.cat([keys.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1), key], dim=2)
         value = torch.cat([values.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1), value], dim=2)
-    return _original_function(module, name)(module, query, key, value, attention_mask, **kwargs)
+    return _original_function(module, original)(module, query, key, value, attention_mask, **kwargs)
 
 
-def _mask_function(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+def _mask_function(*args: Any, original: str, **kwargs: Any) -> Any:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    entry = _ROUTED.get(id(config))
-    name = (entry[1] if entry is not None else None) or "eager"
-    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+    if original not in ALL_MASK_ATTENTION_FUNCTIONS:
         return None  # what transformers does for an implementation without a mask function
-    return ALL_MASK_ATTENTION_FUNCTIONS[name](*args, config=config, **kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(NAME, prefixed_attention)
-    AttentionMaskInterface.register(NAME, _mask_function)
+    return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, **kwargs)
 
 
 def _route(config: Any) -> None:
-    entry = _ROUTED.get(id(config))
-    if entry is not None and entry[0]() is config:
-        _ROUTED[id(config)] = (entry[0], entry[1], entry[2] + 1)
-        if config._attn_implementation != NAME:  # changed by the user since (set_attn_implementation)
-            _ROUTED[id(config)] = (entry[0], config._attn_implementation, entry[2] + 1)
-            config._attn_implementation = NAME
-        return
-    _ROUTED[id(config)] = (weakref.ref(config), config._attn_implementation, 1)
-    config._attn_implementation = NAME
+    entry = _USERS.get(id(config))
+    users = entry[1] if entry is not None and entry[0]() is config else 0
+    if not str(config._attn_implementation).startswith(NAME + ":"):  # also after set_attn_implementation
+        config._attn_implementation = routed_name(config._attn_implementation)
+    _USERS[id(config)] = (weakref.ref(config), users + 1)
 
 
 def _unroute(config: Any, keep: bool) -> None:
-    ref, original, users = _ROUTED[id(config)]
-    if users > 1 or keep:
-        _ROUTED[id(config)] = (ref, original, users - 1)
-        return
-    del _ROUTED[id(config)]
-    if config._attn_implementation == NAME:
-        config._attn_implementation = original
+    ref, users = _USERS.pop(id(config))
+    if users > 1:
+        _USERS[id(config)] = (ref, users - 1)
+    elif not keep and str(config._attn_implementation).startswith(NAME + ":"):
+        config._attn_implementation = config._attn_implementation.split(":", 1)[1]
 
 
 def attention_modules(block: nn.Module) -> list[nn.Module]:
@@ -188,7 +177,6 @@ def _checkpointing(model: nn.Module) -> bool:
 def routed(model: nn.Module, blocks: Sequence[nn.Module], rows: Sequence[Rows]) -> Iterator[KeyValueRows]:
     """Hold `rows[i]` in front of the keys/values of the attention in `blocks[i]` for one call.
     Yields the `KeyValueRows` to pass as ``kwargs[KWARG]``."""
-    _register()
     by_module: dict[int, list[Rows]] = {}
     configs: dict[int, Any] = {}
     for block, layer_rows in zip(blocks, rows, strict=True):
