@@ -87,7 +87,8 @@ def plan(args: argparse.Namespace) -> dict[str, str]:
     return {
         "lora": f"r={args.target_r},alpha={2 * args.target_r}",
         "adalora": (f"init_r={args.init_r},target_r={args.target_r},alpha={2 * args.init_r},"
-                    f"total_steps={args.steps},t_init={t_init},t_final={t_final},delta_t={max(1, args.steps // 20)}"),
+                    f"total_steps={args.steps},t_init={t_init},t_final={t_final},delta_t={max(1, args.steps // 20)},"
+                    f"orth_reg={args.orth_reg}"),
     }
 
 
@@ -111,16 +112,15 @@ def summarize(args: argparse.Namespace) -> None:
     sites, width = 12, 384 + 384  # query and value of MiniLM's 6 layers, in + out
     finals = {"lora": sites * args.target_r * width, "adalora": sites * args.target_r * (width + 1)}
     rows = [json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines() if line]
-    for method in ("lora", "adalora"):
-        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        accs = [r["metrics"]["accuracy"] for r in mine]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["options"], r["lr"], r["batch_size"], r["steps"]), []).append(r)
+    for (method, options, lr, batch_size, steps), mine in sorted(groups.items(), key=lambda kv: kv[0][0] != "lora"):
+        accs = [r["metrics"]["accuracy"] for r in sorted(mine, key=lambda r: r["seed"])]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"{method:<8} final adapter params {finals[method]:,} (+ head): accuracy {statistics.mean(accs):.4f} "
-              f"± {spread:.4f} (seeds {[r['seed'] for r in mine]}, {mine[0]['steps']} steps of {mine[0]['batch_size']}, "
-              f"lr {mine[0]['lr']})  "
-              f"[{mine[0]['options']}]")
+              f"± {spread:.4f} (n={len(accs)}: {', '.join(f'{a:.4f}' for a in accs)}; {steps} steps of {batch_size}, "
+              f"lr {lr})  [{options}]")
 
 
 def main() -> None:
@@ -138,6 +138,7 @@ def main() -> None:
     sub.choices["accuracy"].add_argument("--steps", type=int, default=STEPS_PER_EPOCH)
     sub.choices["accuracy"].add_argument("--batch-size", type=int, default=32)
     sub.choices["accuracy"].add_argument("--lr", type=float, default=1e-3)
+    sub.choices["accuracy"].add_argument("--orth-reg", type=float, default=0.1)
     args = parser.parse_args()
     {"steptime": steptime, "accuracy": accuracy, "summarize": summarize}[args.command](args)
 
