@@ -162,6 +162,17 @@ def test_generate_left_padding(method):
     assert torch.equal(both[0, 2:], alone[0])
 
 
+@pytest.mark.parametrize("method", ["prefix_tuning", "p_tuning"])
+def test_generate_beams_and_dict_output(method):
+    tuned = peftkit.attach(BUILDERS["llama"](), peftkit.config(method, num_virtual_tokens=3))
+    ids = torch.randint(3, 90, (2, 5), generator=torch.Generator().manual_seed(3))
+    beams = tuned.generate(input_ids=ids, max_new_tokens=3, num_beams=3, num_return_sequences=2, pad_token_id=0)
+    assert beams.shape == (4, 8) and torch.equal(beams[::2, :5], ids)
+    out = tuned.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True, output_scores=True)
+    assert out.sequences.shape == (2, 8) and len(out.scores) == 3
+
+
 def test_prefix_gradient_checkpointing():
     """The backward recomputation sees the prefix too: same gradients with and without checkpointing."""
     grads = []

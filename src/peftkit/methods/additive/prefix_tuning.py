@@ -110,7 +110,7 @@ class KeyValuePrefix(ModelDelta):
             ids = kwargs.get("input_ids") if embeds is None else embeds[..., 0]
             if ids is None:
                 return kwargs
-            positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0) + cache_length(kwargs)
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1) + cache_length(kwargs)
         return {**kwargs, "position_ids": positions + self.num_tokens}
 
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
