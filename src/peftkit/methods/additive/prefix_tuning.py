@@ -115,7 +115,8 @@ class KeyValuePrefix(ModelDelta):
 
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         kwargs = self._shifted(model, dict(kwargs), kwargs.get("position_ids"))
-        if self._carried:  # travels with the call, so gradient checkpointing replays it
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+        if self._carried and takes_any:  # travels with the call, so gradient checkpointing replays it
             kwargs[kv_prefix.KWARG] = self._carried[-1].merged(kwargs.get(kv_prefix.KWARG))
         return kwargs
 

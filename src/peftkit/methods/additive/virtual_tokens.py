@@ -97,7 +97,7 @@ class VirtualTokens(ModelDelta):
         self._generated.clear()
         yield
 
-    def _inject(self, model: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+    def _inject(self, model: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
         kwargs = dict(kwargs)
         ids = kwargs.get("input_ids")
         embeds = _embed(model, kwargs)
@@ -145,7 +145,8 @@ class VirtualTokens(ModelDelta):
             return strip(outputs)
         if isinstance(outputs, dict):
             for key in list(outputs.keys()):
-                outputs[key] = strip(outputs[key])
+                if "attention" not in key and "cache" not in key and "past" not in key:
+                    outputs[key] = strip(outputs[key])
         return outputs
 
     def prepare_generate(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
