@@ -72,9 +72,10 @@ def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool)
 
     args = TrainingArguments(
         output_dir=out, learning_rate=LR, per_device_train_batch_size=BATCH, per_device_eval_batch_size=EVAL_BATCH,
-        num_train_epochs=EPOCHS, max_steps=max_steps or -1, warmup_ratio=WARMUP, lr_scheduler_type="linear",
+        num_train_epochs=EPOCHS, max_steps=max_steps or -1, warmup_steps=WARMUP, lr_scheduler_type="linear",
         weight_decay=0.0, max_grad_norm=1.0, seed=SEED, data_seed=SEED, save_strategy="no", report_to=[],
-        logging_steps=50, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, group_by_length=group_by_length)
+        logging_steps=50, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length" if group_by_length else "random")
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy)
     before = trainer.evaluate()

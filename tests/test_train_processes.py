@@ -36,7 +36,7 @@ def test_ctrl_c_writes_resumable_checkpoint(tmp_path, bert_dir, sentiment_csv) -
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path))
     log = out / "metrics.jsonl"
     deadline = time.monotonic() + 180
-    while not (log.exists() and log.read_text().count("\n") >= 2):  # at least 20 steps done
+    while not (log.exists() and log.read_text().count("\n") >= 1):  # at least 10 steps done
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "training did not start in time"
         time.sleep(0.2)
@@ -45,7 +45,7 @@ def test_ctrl_c_writes_resumable_checkpoint(tmp_path, bert_dir, sentiment_csv) -
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     state = json.loads((out / "checkpoint" / "trainer.json").read_text())
-    assert state["step"] >= 20
+    assert state["step"] >= 10
     assert not list(out.glob(".*tmp*"))  # no half-written folder left behind
     result = train(TrainConfig(model=str(bert_dir), data=str(sentiment_csv), out=str(out), batch_size=4,
                                max_steps=state["step"] + 2, resume="auto", progress=False), echo=lambda _s: None)
