@@ -49,7 +49,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--schedule", choices=["cosine", "linear", "constant"], help="after warmup [linear]")
     a("--warmup", type=float, help="warmup: fraction of steps (<1) or a step count [0.06]")
     a("--max-grad-norm", type=float, help="gradient clipping (0: off) [1.0]")
-    a("--batch-size", type=int, help="examples per process per micro-batch [32]")
+    a("--batch-size", type=int, help="examples per process per micro-batch [32 classification, 8 otherwise]")
     a("--grad-accum", type=int, help="micro-batches per optimizer step [1]")
     a("--max-length", type=int, help="tokens per example [128 classification, 256 otherwise]")
     a("--epochs", type=float, help="passes over the training data [1]")

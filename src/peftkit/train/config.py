@@ -42,7 +42,7 @@ class TrainConfig:
     schedule: str = "linear"
     warmup: float = 0.06  # < 1: a fraction of the steps; >= 1: a number of steps
     max_grad_norm: float = 1.0
-    batch_size: int = 32
+    batch_size: int | None = None  # None: 32 for classification, 8 otherwise
     grad_accum: int = 1
     max_length: int | None = None  # None: 128 for classification, 256 otherwise
     epochs: float = 1.0
@@ -71,6 +71,7 @@ class TrainConfig:
             self,
             lr=self.lr if self.lr is not None else (1e-3 if task == "classification" else 2e-4),
             max_length=self.max_length if self.max_length is not None else (128 if task == "classification" else 256),
+            batch_size=self.batch_size if self.batch_size is not None else (32 if task == "classification" else 8),
         )
 
     def problems(self) -> list[str]:
@@ -81,10 +82,10 @@ class TrainConfig:
             out.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("batch_size", "grad_accum", "eval_batch_size"):
+        for name in ("grad_accum", "eval_batch_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("max_steps", "eval_every", "save_every", "early_stopping", "max_length", "num_labels"):
+        for name in ("batch_size", "max_steps", "eval_every", "save_every", "early_stopping", "max_length", "num_labels"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value > 0):
                 out.append(f"{name} must be a positive integer, got {value!r}")
