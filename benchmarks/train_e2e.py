@@ -25,9 +25,15 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The default job's settings (peftkit.train.config defaults for classification on minilm).
-LR, BATCH, EPOCHS, WARMUP, MAX_LEN, EVAL_BATCH, SEED = 1e-3, 32, 1.0, 0.06, 128, 128, 0
-LORA = dict(r=8, alpha=16, dropout=0.0, targets=["query", "value"])
+
+
+def default_job() -> tuple[object, object]:
+    """The default job's resolved settings and LoRA config, read from peftkit so both sides match."""
+    import peftkit
+    from peftkit.train.config import TrainConfig
+
+    cfg = TrainConfig(task="classification").resolved()
+    return cfg, peftkit.config(cfg.method, **cfg.method_options)
 
 
 def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool) -> dict:
@@ -57,23 +63,27 @@ def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool)
     test = [r for r, held in zip(ds.records, ds.split, strict=True) if held]
 
     def encode(rows: list[dict]) -> list[dict]:
-        enc = tok([r["text"] for r in rows], truncation=True, max_length=MAX_LEN)
+        enc = tok([r["text"] for r in rows], truncation=True, max_length=default_job()[0].max_length)
         return [{"input_ids": ids, "attention_mask": m, "labels": r["label"]}
                 for ids, m, r in zip(enc["input_ids"], enc["attention_mask"], rows, strict=True)]
 
     train_set, test_set = encode(train), encode(test)
-    torch.manual_seed(SEED)
+    cfg, lora = default_job()
+    targets = ["query", "value"] if lora.targets is None else lora.targets
+    targets = list(targets) if isinstance(targets, tuple) else targets  # peft: a list, or "all-linear"
+    torch.manual_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=LORA["targets"], task_type="SEQ_CLS"))
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=targets, task_type="SEQ_CLS"))
 
     def accuracy(pred) -> dict:
         return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
 
     args = TrainingArguments(
-        output_dir=out, learning_rate=LR, per_device_train_batch_size=BATCH, per_device_eval_batch_size=EVAL_BATCH,
-        num_train_epochs=EPOCHS, max_steps=max_steps or -1, warmup_steps=WARMUP, lr_scheduler_type="linear",
-        weight_decay=0.0, max_grad_norm=1.0, seed=SEED, data_seed=SEED, save_strategy="no", report_to=[],
+        output_dir=out, learning_rate=cfg.lr, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size, num_train_epochs=cfg.epochs, max_steps=max_steps or -1,
+        warmup_steps=cfg.warmup, lr_scheduler_type=cfg.schedule, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, save_strategy="no", report_to=[],
         logging_steps=50, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
         train_sampling_strategy="group_by_length" if group_by_length else "random")
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
