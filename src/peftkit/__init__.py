@@ -25,6 +25,7 @@ from .core.errors import (  # noqa: E402
 from .core.io import load  # noqa: E402
 from .core.registry import config, config_from_dict, methods  # noqa: E402
 from .core.tuned import Summary, TunedModel, attach  # noqa: E402
+from .quant import quantize  # noqa: E402
 
 __all__ = [
     "AdapterFileError",
@@ -44,4 +45,5 @@ __all__ = [
     "load",
     "methods",
     "needs_calibration",
+    "quantize",
 ]

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from .delta import Delta
+from .errors import TargetError
+from .layers import is_quantized
 
 
 class TrainableCopy(Delta):
@@ -21,6 +23,10 @@ class TrainableCopy(Delta):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
+        if is_quantized(base):
+            raise TargetError(f"cannot train a full copy of a quantized {type(base).__name__}: its weight is stored "
+                              "quantized and frozen. Adapt it with a delta method (lora, ia3, ...) instead, or "
+                              "dequantize it first (peftkit.quant.dequantize).")
         self.values = nn.ParameterDict(
             {name.replace(".", "__"): nn.Parameter(p.detach().clone()) for name, p in base.named_parameters()}
         )

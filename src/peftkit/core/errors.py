@@ -31,6 +31,10 @@ class AdapterFileError(PeftkitError, OSError):
     """An adapter file or folder is missing, corrupt, or does not fit the model."""
 
 
+class QuantizedMergeWarning(UserWarning):
+    """Merging into a quantized base re-quantized it: outputs moved by the quantization error."""
+
+
 def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The candidates nearest to `word` (difflib ratio), best first."""
     pool = list(dict.fromkeys(candidates))

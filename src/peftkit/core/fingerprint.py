@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .host import Host
+from .layers import dense_copy, is_quantized
 
 SKETCH_TOLERANCE = 0.05  # relative to the tensor's rms; dtype/quantization changes stay well inside
 
@@ -27,6 +28,11 @@ def _site_tensors(model: nn.Module, sites: list[str]) -> dict[str, dict[str, tor
     for site in sites:
         module = model.get_submodule(site)
         state = module.original_state() if isinstance(module, Host) else dict(module.state_dict())
+        base = module.base_layer if isinstance(module, Host) else module
+        if is_quantized(base) and "weight" not in state and not getattr(module, "merged", False):
+            # quantized storage has its own tensors; the dequantized weight (in the layout of the layer it
+            # stands for) compares with any precision
+            state["weight"] = dense_copy(base).weight.detach().float()
         out[site] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     return out
 

@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from .delta import Delta
 from .errors import AdapterStateError, NotMergeableError
+from .layers import dense_copy, is_quantized, linear_weight, store_dense
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Host(nn.Module):
         self._merged: list[str] = []
         self._backup: dict[str, torch.Tensor] | None = None
         self._tied: dict[str, nn.Parameter] = {}
+        self.requantization_error: float | None = None  # max |ΔW| the last merge into a quantized base added
 
     # -- bookkeeping -------------------------------------------------------------------------
     def add(self, adapter: str, slot: str, delta: Delta) -> None:
@@ -165,18 +167,24 @@ class Host(nn.Module):
         return out
 
     # -- merging -----------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self, names: Sequence[str], keep_backup: bool = True, untie: Sequence[str] = ()) -> None:
-        """Fold adapters into the base layer. Parameters named in `untie` are shared with other
-        modules (tied embeddings): they get a private copy first, so only this site changes."""
-        todo = [n for n in names if n in self.deltas and n not in self._merged]
-        for name in todo:
-            for slot, delta in self.deltas[name].items():
+    def check_mergeable(self, names: Sequence[str]) -> None:
+        """Raise `NotMergeableError` if any delta of `names` here has no weight equivalent."""
+        for name in names:
+            for slot, delta in (self.deltas[name].items() if name in self.deltas else ()):
                 if not delta.mergeable:
                     raise NotMergeableError(
                         f"adapter {name!r} cannot be merged: its {slot!r} delta ({delta.form} form) has no "
                         "equivalent weight change. Keep it unmerged, or merge only reparam/scale/select adapters."
                     )
+
+    @torch.no_grad()
+    def merge(self, names: Sequence[str], keep_backup: bool = True, untie: Sequence[str] = ()) -> None:
+        """Fold adapters into the base layer. Parameters named in `untie` are shared with other
+        modules (tied embeddings): they get a private copy first, so only this site changes.
+        A quantized base layer is dequantized once, every delta folded in, then re-quantized;
+        `requantization_error` records the largest weight change that added."""
+        todo = [n for n in names if n in self.deltas and n not in self._merged]
+        self.check_mergeable(todo)
         if not todo:
             return
         if keep_backup and self._backup is None:
@@ -187,13 +195,18 @@ class Host(nn.Module):
                 shared = getattr(owner, leaf)
                 self._tied[param_name] = shared
                 setattr(owner, leaf, nn.Parameter(shared.detach().clone(), requires_grad=False))
+        quantized = is_quantized(self.base_layer)
+        target = dense_copy(self.base_layer) if quantized else self.base_layer
+        original = linear_weight(target).detach().clone() if quantized else None
         for name in todo:
             for delta in self.deltas[name].values():
-                delta.fold(self.base_layer)
-        if not all(torch.isfinite(p).all() for p in self.base_layer.parameters() if p.is_floating_point()):
+                delta.fold(target)
+        if not all(torch.isfinite(p).all() for p in target.parameters() if p.is_floating_point()):
             self._merged.extend(todo)
             self.unmerge()
             raise AdapterStateError(f"merging {todo} produced NaN/inf weights; the site was restored to its unmerged base.")
+        if quantized:
+            self.requantization_error = store_dense(self.base_layer, target, original)
         self._merged.extend(todo)
 
     def _owner(self, param_name: str) -> tuple[nn.Module, str]:
@@ -213,3 +226,4 @@ class Host(nn.Module):
         self.base_layer.load_state_dict(self._backup)
         self._backup = None
         self._merged.clear()
+        self.requantization_error = None

@@ -3,6 +3,11 @@
 `nn.Linear` stores W as (out, in); transformers' GPT-2 `Conv1D` stores it as (in, out) and
 computes `x @ W + b`; `nn.Embedding` stores (num_embeddings, dim). Methods talk to these helpers
 instead of branching on layer types themselves.
+
+Quantized layers (see `peftkit.quant`) take part through a small protocol: ``in_features``,
+``out_features``, ``dequantized_weight()`` (the (out, in) weight in compute dtype), optionally
+``load_dequantized_weight(w)`` (re-quantize, used when merging) and ``dequantized_module()`` (the
+full-precision layer they stand for, used by ``merge(dequantize=True)``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 def is_linear(module: nn.Module) -> bool:
     """True for layers computing an affine map with a 2-D weight (Linear, Conv1D, and quantized
     linear layers that expose `in_features` / `out_features` and a `dequantized_weight()`)."""
-    return isinstance(module, LINEAR_TYPES) or hasattr(module, "dequantized_weight")
+    return isinstance(module, LINEAR_TYPES) or is_quantized(module)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
@@ -50,6 +55,42 @@ def assign_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
         module.weight.copy_(weight.T.to(module.weight.dtype))
     else:
         module.weight.copy_(weight.to(module.weight.dtype))
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` keeps its weight in quantized storage (the quantized-layer protocol)."""
+    return hasattr(module, "dequantized_weight")
+
+
+@torch.no_grad()
+def dense_copy(module: nn.Module) -> nn.Module:
+    """A full-precision layer equal to quantized `module` (its ``dequantized_module()`` if it has one,
+    else an ``nn.Linear`` with the dequantized weight and a copy of the bias)."""
+    if hasattr(module, "dequantized_module"):
+        return module.dequantized_module()
+    weight = module.dequantized_weight()
+    bias = getattr(module, "bias", None)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+@torch.no_grad()
+def store_dense(module: nn.Module, dense: nn.Module, original: torch.Tensor) -> float:
+    """Write `dense`'s weight and bias back into quantized `module`, re-quantizing the weight only
+    if it differs from `original` (the dequantized weight before the change).
+
+    Returns the largest absolute weight change the re-quantization itself added (0.0 if none)."""
+    bias, new_bias = getattr(module, "bias", None), getattr(dense, "bias", None)
+    if isinstance(bias, torch.Tensor) and isinstance(new_bias, torch.Tensor):
+        bias.copy_(new_bias.to(bias.dtype))
+    weight = linear_weight(dense).detach()
+    if torch.equal(weight, original):
+        return 0.0
+    module.load_dequantized_weight(weight)
+    return (module.dequantized_weight().to(weight.dtype) - weight).abs().max().item()
 
 
 def delta_dtype(base: nn.Module) -> torch.dtype:

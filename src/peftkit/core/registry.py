@@ -94,6 +94,10 @@ class MethodSpec:
     hf: HfCodec | None = None
     identity_at_init: bool = False  # the contract suite checks base outputs are reproduced exactly
     controller: Callable[[Any], Controller] | None = None  # config -> Controller, for training-time logic
+    # (model, config) -> None: brings the *base* into the form the method needs before `build` runs
+    # (e.g. a recipe that quantizes it). Runs on every attach, so it must be idempotent; `build`
+    # itself never changes the model.
+    prepare: Callable[[nn.Module, Any], None] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -120,9 +124,11 @@ def get(name: str) -> MethodSpec:
 
 
 def by_peft_type(peft_type: str) -> MethodSpec:
-    for spec in _METHODS.values():
-        if spec.hf is not None and spec.hf.peft_type == peft_type:
-            return spec
+    """The method that reads PEFT adapters of `peft_type`. Recipes may write another method's type
+    (qlora writes LORA); reading prefers the method named like the type."""
+    found = [s for s in _METHODS.values() if s.hf is not None and s.hf.peft_type == peft_type]
+    if found:
+        return next((s for s in found if s.name == peft_type.lower()), found[0])
     known = sorted(s.hf.peft_type for s in _METHODS.values() if s.hf)
     raise ConfigError(f"peftkit cannot read PEFT adapters of type {peft_type!r}; it reads {', '.join(known)}.")
 

@@ -22,9 +22,10 @@ from . import registry
 from .config import MethodConfig
 from .delta import Delta, ModelDelta
 from .deltas import TrainableCopy
-from .errors import AdapterFileError, AdapterStateError, ConfigError, NotMergeableError
+from .errors import AdapterFileError, AdapterStateError, ConfigError, NotMergeableError, QuantizedMergeWarning
 from .host import Host, SiteContext
-from .select import get_site, head_names, select, set_site
+from .layers import dense_copy, is_quantized
+from .select import get_site, head_names, iter_sites, select, set_site
 
 MODEL_NAMESPACE = "__model__"
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -83,6 +84,7 @@ class TunedModel(nn.Module):
         self._configs: dict[str, MethodConfig] = {}
         self._sites: dict[str, list[str]] = {}
         self._controllers: dict[str, registry.Controller] = {}
+        self.requantization_errors: dict[str, float] = {}  # site -> max |ΔW| of the last merge, quantized sites
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -122,7 +124,10 @@ class TunedModel(nn.Module):
             raise ConfigError(f"adapter name {name!r} may use only letters, digits, '_' and '-'.")
         if name in self._configs:
             raise AdapterStateError(f"an adapter named {name!r} already exists; pick another name or delete it.")
-        attachment = registry.get(config.method).build(self.model, config)
+        spec = registry.get(config.method)
+        if spec.prepare is not None:
+            spec.prepare(self.model, config)
+        attachment = spec.build(self.model, config)
         for site in self._trainable_module_sites(config):
             attachment.add(site, COPY_SLOT, TrainableCopy(_base_of(get_site(self.model, site))))
         self._configs[name] = config
@@ -327,10 +332,11 @@ class TunedModel(nn.Module):
         return tuple(dict.fromkeys(n for _, h in self.hosts() for n in h.merged_adapters))
 
     def merge_adapter(self, names: str | Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights, reversibly."""
+        """Fold adapters (default: the active ones) into the base weights, reversibly. Quantized base
+        layers are re-quantized, with a `QuantizedMergeWarning` (see `merge`); unmerging is exact."""
         self._merge(names, keep_backup=True)
 
-    def _merge(self, names: str | Sequence[str] | None, keep_backup: bool) -> tuple[str, ...]:
+    def _merge(self, names: str | Sequence[str] | None, keep_backup: bool, dequantize: bool = False) -> tuple[str, ...]:
         names = self.context.active if names is None else ((names,) if isinstance(names, str) else tuple(names))
         for n in names:
             self._known(n)
@@ -341,11 +347,15 @@ class TunedModel(nn.Module):
             if self.context.weights.get(n, 1.0) != 1.0:
                 raise NotMergeableError(f"adapter {n!r} is active with weight {self.context.weights[n]}; "
                                         "merging weighted activations is not supported.")
-        hosts = [h for _, h in self.hosts() if any(n in h.deltas for n in names)]
+        hosts = [(site, h) for site, h in self.hosts() if any(n in h.deltas for n in names)]
+        if dequantize:
+            for _, host in hosts:  # refuse before the base is changed for good
+                host.check_mergeable(names)
+            self._dequantize_base()
         uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
         done = []
         try:
-            for host in hosts:
+            for _, host in hosts:
                 tied = [k for k, p in host.base_layer.named_parameters() if uses[id(p)] > 1]
                 if tied and not keep_backup:
                     _untie_config(self.model)
@@ -356,19 +366,42 @@ class TunedModel(nn.Module):
                 if keep_backup:
                     host.unmerge()
             raise
+        self.requantization_errors = {site: h.requantization_error for site, h in hosts
+                                      if h.requantization_error is not None}
+        if any(self.requantization_errors.values()):
+            _warn_requantized(names, self.requantization_errors)
         return names
+
+    def _dequantize_base(self) -> None:
+        """Replace every quantized layer of the model by its full-precision equivalent."""
+        for site, module in list(iter_sites(self.model)):
+            if is_quantized(module):
+                current = get_site(self.model, site)
+                if isinstance(current, Host):
+                    current.base_layer = dense_copy(module)
+                else:
+                    set_site(self.model, site, dense_copy(module))
 
     def unmerge_adapter(self) -> None:
         """Restore the exact base weights saved at merge time."""
         for _, host in self.hosts():
             host.unmerge()
 
-    def merge(self, names: str | Sequence[str] | None = None) -> nn.Module:
+    def merge(self, names: str | Sequence[str] | None = None, *, dequantize: bool = False) -> nn.Module:
         """Fold adapters into the base weights and return the plain model, with no peftkit module
-        left in it. This TunedModel is emptied."""
+        left in it. This TunedModel is emptied.
+
+        On a quantized base (``peftkit.quantize``): by default each adapted layer is dequantized,
+        the adapters folded in and the result re-quantized, so the model stays small, but its
+        outputs move away from the unmerged adapter's by the re-quantization error. That error is
+        never silent: a `QuantizedMergeWarning` gives the largest weight change, and
+        ``tuned.requantization_errors`` holds it per layer. With ``dequantize=True`` every quantized
+        layer is first replaced by its full-precision equivalent and the merge is exact: the result
+        is a full-precision model (larger) whose outputs match the unmerged adapter's.
+        """
         if self.merged_adapters:
             self.unmerge_adapter()
-        self._merge(names, keep_backup=False)
+        self._merge(names, keep_backup=False, dequantize=dequantize)
         for site, host in list(self.hosts()):
             set_site(self.model, site, host.base_layer)
         self.model_deltas.clear()
@@ -427,8 +460,9 @@ class TunedModel(nn.Module):
                 rows.append(SiteRow(site, name, slot, delta.form, n))
                 if slot.startswith(COPY_SLOT):
                     head += sum(p.numel() for p in delta.trainable_parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        base = sum(p.numel() for p in self.parameters() if id(p) not in delta_ids)
+        quantized = sum(m.in_features * m.out_features for m in self.modules() if is_quantized(m))  # buffers, not params
+        total = sum(p.numel() for p in self.parameters()) + quantized
+        base = sum(p.numel() for p in self.parameters() if id(p) not in delta_ids) + quantized
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return Summary(total=total, base=base, trainable=trainable, head_trainable=head, rows=rows)
 
@@ -447,6 +481,16 @@ def _untie_config(model: nn.Module) -> None:
         config.tie_word_embeddings = False
         warnings.warn("merging into a tied weight: the merged model keeps separate input and output "
                       "embeddings (config.tie_word_embeddings set to False).", stacklevel=4)
+
+
+def _warn_requantized(names: Sequence[str], errors: dict[str, float]) -> None:
+    site, worst = max(errors.items(), key=lambda item: item[1])
+    changed = sum(1 for e in errors.values() if e)
+    warnings.warn(QuantizedMergeWarning(
+        f"merging {', '.join(names)} into {changed} quantized layer(s) re-quantized them: the largest weight "
+        f"change re-quantization added is {worst:.3g} (at {site}), so outputs differ from the unmerged adapter's "
+        "by quantization error (per layer: tuned.requantization_errors). Merge with dequantize=True for an exact, "
+        "full-precision result, or keep the adapter unmerged."), stacklevel=4)
 
 
 def _base_of(module: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from ...core import arch
 from ...core.config import MethodConfig, check
 from ...core.deltas import TrainableCopy
 from ...core.errors import TargetError
+from ...core.layers import is_quantized
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.select import LayerSpec, Spec, iter_sites, parse_layers, select
 from ._scope import backbone_modules
@@ -76,6 +77,9 @@ def tuned_sites(model: nn.Module, config: LayerTuningConfig) -> list[tuple[str, 
     sites: list[tuple[str, nn.Module]] = []
     for name, module in iter_sites(model):
         inside = any(name == r or name.startswith(r + ".") for r in roots)
+        if inside and is_quantized(module):
+            raise TargetError(f"layer_tuning trains full copies of weights, but {name} is quantized (frozen storage); "
+                              "use a delta method (lora, ia3, adapter, ...) on a quantized base, or tune other layers.")
         covered = any(name.startswith(s + ".") for s, _ in sites)
         owns_params = any(p is not None for p in module._parameters.values())
         if inside and not covered and owns_params and name in backbone:

@@ -3,4 +3,5 @@
 from . import (
     adalora,  # noqa: F401
     lora,  # noqa: F401
+    qlora,  # noqa: F401  (after lora: the recipe builds through it)
 )
