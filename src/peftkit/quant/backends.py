@@ -62,7 +62,7 @@ def _decode_torch(tensors: Tensors, spec: QuantSpec, shape: tuple[int, int], dty
 def _bnb() -> Any:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("backend='bitsandbytes' needs the bitsandbytes package: `pip install 'peftkit[bnb]'` "
-                          "(or bitsandbytes>=0.45), or use backend='torch'.")
+                          "(bitsandbytes>=0.48), or use backend='torch'.")
     import bitsandbytes.functional as bnb_functional
 
     return bnb_functional
