@@ -135,3 +135,13 @@ def test_quantized_base_trains(tmp_path, bert_dir, sentiment_csv) -> None:
     assert result["steps"] == 4 and result["metrics"]["loss"] > 0
     meta = json.loads((tmp_path / "q" / "run.json").read_text())
     assert meta["config"]["quantize"] == "int8"
+
+
+def test_data_calibrated_method_is_calibrated_before_training(tmp_path, bert_dir, sentiment_csv) -> None:
+    lines = []
+    result = train(TrainConfig(model=str(bert_dir), data=str(sentiment_csv), out=str(tmp_path / "s"), batch_size=8,
+                               max_steps=3, progress=False, method="sparse_adapter",
+                               method_options={"sparsity": 0.5, "score": "snip"}, calibration_batches=2),
+                   echo=lines.append)
+    assert result["steps"] == 3
+    assert any("calibrated default on 2 training batches" in line for line in lines)

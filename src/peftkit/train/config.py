@@ -63,6 +63,7 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     num_labels: int | None = None  # None: from the data
+    calibration_batches: int = 4  # for methods that set themselves up from data (SNIP / GraSP masks)
 
     def resolved(self) -> TrainConfig:
         """A copy with the task-dependent defaults filled in."""
@@ -82,7 +83,7 @@ class TrainConfig:
             out.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.optimizer not in OPTIMIZERS:
             out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("grad_accum", "eval_batch_size"):
+        for name in ("grad_accum", "eval_batch_size", "calibration_batches"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("batch_size", "max_steps", "eval_every", "save_every", "early_stopping", "max_length", "num_labels"):

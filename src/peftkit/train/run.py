@@ -163,6 +163,22 @@ def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.n
     return model
 
 
+def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id: int, dist: Dist) -> list[str]:
+    """Methods that set themselves up from data (e.g. SNIP / GraSP masks) see the first training
+    batches, before the optimizer exists (the same batches on every process)."""
+    import peftkit
+
+    if not peftkit.needs_calibration(tuned):
+        return []
+    from .batches import collate, epoch_batches
+
+    order = epoch_batches(prepared.train.lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length)
+    batches = [{k: v.to(dist.device) for k, v in collate(prepared.train, index, pad_id).items()}
+               for index in order[: cfg.calibration_batches]]
+    torch.manual_seed(cfg.seed)
+    return list(peftkit.calibrate(tuned, batches))
+
+
 def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     cfg, out = job.cfg, job.out
     if cfg.threads:
@@ -171,12 +187,15 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     _guard_out(job, resume)
     t_start = time.perf_counter()
     tok, prepared, tuned = _prepare(job, dist)
+    calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist)
     summary = tuned.summary()
     echo(f"peftkit train: {cfg.model} on {cfg.data} ({job.task}), method {cfg.method}"
          + (f", {cfg.quantize} base" if cfg.quantize else "") + (f", {dist.world} processes" if dist.enabled else ""))
     echo(f"  data: {prepared.meta['train_examples']} train / {prepared.meta['eval_examples']} held-out "
          f"({prepared.meta['split']})")
     echo(f"  trainable params: {summary.trainable:,} of {summary.total:,} ({summary.trainable_percent:.2f}%)")
+    if calibrated:
+        echo(f"  calibrated {', '.join(calibrated)} on {cfg.calibration_batches} training batches")
     run_doc = {"config": cfg.to_dict(), "model_path": job.model_path, "data": prepared.meta,
                "label_names": prepared.label_names, "num_labels": prepared.num_labels, "world_size": dist.world}
     log = RunLog(out / "metrics.jsonl" if dist.main else None,
