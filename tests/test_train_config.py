@@ -79,3 +79,9 @@ def test_lr_schedule_shapes() -> None:
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(99, 100, 0, "linear") == pytest.approx(0.01)
     assert lr_factor(50, 100, 0, "constant") == 1.0
+
+
+def test_default_method_only_without_method_flags() -> None:
+    assert (TrainConfig().resolved().method, TrainConfig().resolved().method_options) == ("lora", {"targets": "all-linear"})
+    assert TrainConfig(method="lora").resolved().method_options == {}  # --method lora: LoRA's own defaults
+    assert TrainConfig(method_options={"r": 4}).resolved().method_options == {"r": 4}

@@ -8,6 +8,7 @@ Ctrl-C during training writes a resumable checkpoint and exits with status 130.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -129,7 +130,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
-        print(yaml.safe_dump(cfg.validate().to_dict(), sort_keys=False).rstrip())
+        shown = cfg.validate().resolved()  # the method is shown resolved; task-dependent values as given
+        shown = dataclasses.replace(cfg, method=shown.method, method_options=shown.method_options)
+        print(yaml.safe_dump(shown.to_dict(), sort_keys=False).rstrip())
         return 0
     result = train(cfg, echo=(lambda s: print(s, flush=True)))
     if args.json and int(os.environ.get("RANK", "0")) == 0:

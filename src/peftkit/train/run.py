@@ -79,7 +79,8 @@ class Job:
 def plan(cfg: TrainConfig) -> Job:
     """Validate the config, find the model and data, build the method config. Writes nothing."""
     cfg.validate()
-    method_cfg = method_config(cfg.method, **cfg.method_options)
+    resolved = cfg.resolved()
+    method_cfg = method_config(resolved.method, **resolved.method_options)
     if cfg.quantize is not None and cfg.quantize not in ("nf4", "fp4", "int8"):
         raise ConfigError(f"--quantize must be nf4, fp4 or int8, got {cfg.quantize!r}.")
     path = models.resolve(cfg.model)
