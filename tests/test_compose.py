@@ -131,3 +131,12 @@ def test_unipelt_gates_lora_and_adapter_trains_saves_loads(tmp_path):
     assert torch.equal(_run(loaded, inputs), expected)
     with pytest.raises(peftkit.AdapterStateError, match="mixed-adapter"):
         _run(loaded, batch("bert", batch_size=2), adapter_names=["default", None])
+
+
+def test_parts_prepare_the_base_qlora_in_a_composition():
+    from peftkit.core.layers import is_quantized
+
+    config = peftkit.config("compose", parts=[{"method": "qlora", "r": 2}, {"method": "ln_tuning"}])
+    tuned = peftkit.attach(BUILDERS["llama"](), config)
+    assert any(is_quantized(h.base_layer) for _, h in tuned.hosts())
+    assert tuned(**batch("llama")).loss.isfinite()

@@ -17,7 +17,8 @@ as they are; a part with model-level deltas (prefixes) or nothing gateable canno
 
 Identity at init, mergeability and mixed-batch support are those of the parts: the adapter
 merges only if every delta does, and model-level parts (prefixes, virtual tokens) rule out
-mixed-adapter batches. Controllers of the parts (e.g. rank or mask schedules) all run.
+mixed-adapter batches. Controllers of the parts (e.g. rank or mask schedules) all run, and so do
+the parts' base preparations (``qlora`` quantizes the base before anything is built).
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ def build(model: nn.Module, config: ComposeConfig) -> Attachment:
     return attachment
 
 
+def prepare(model: nn.Module, config: ComposeConfig) -> None:
+    """Run each part's base preparation (e.g. ``qlora`` quantizing the base) before any part builds."""
+    for part in config.parts:
+        spec = get_spec(part.method)
+        if spec.prepare is not None:
+            spec.prepare(model, part)
+
+
 class CompositeController(Controller):
     """Runs every part's controller; each sees the whole adapter and acts on its own deltas."""
 
@@ -152,6 +161,7 @@ register(MethodSpec(
     family="hybrid",
     config_cls=ComposeConfig,
     build=build,
+    prepare=prepare,
     summary="Several methods in one adapter (configs or dicts), each part optionally behind a learned gate.",
     controller=controller,
 ))

@@ -167,6 +167,13 @@ def _loss(tuned: Any, batch: dict[str, Any], loss_fn: Any) -> torch.Tensor:
     return loss
 
 
+def prepare(model: nn.Module, config: SparseAdapterConfig) -> None:
+    """The base method's own base preparation, if any (e.g. ``qlora`` quantizing the base)."""
+    spec = registry.get(config.base)
+    if spec.prepare is not None:
+        spec.prepare(model, config.base_config())
+
+
 class SparseController(Controller):
     """Holds the config; scores and prunes once on calibration data (snip / grasp)."""
 
@@ -208,6 +215,7 @@ register(MethodSpec(
     family="unified",
     config_cls=SparseAdapterConfig,
     build=build,
+    prepare=prepare,
     summary="Any delta method pruned once at init (snip/grasp/magnitude/random, global or per-layer); "
             "stores kept weights + bitmask.",
     controller=SparseController,
