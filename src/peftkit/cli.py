@@ -42,7 +42,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--eval-fraction", type=float, help="held-out share when the data has no split of its own [0.1]")
     for role in ("text", "label", "prompt", "response"):
         a(f"--{role}-field", help=f"column holding the {role}")
-    a("--method", help="a registered method (see `peftkit methods`) [lora]")
+    a("--method", help="a registered method (see `peftkit methods`) [lora; on all linear layers when neither "
+                       "--method nor --method-options is given]")
     a("--method-options", help="k=v,... e.g. r=16,alpha=32,targets=[query,value] (YAML values)")
     a("--quantize", choices=["nf4", "fp4", "int8"], help="quantize the frozen base (QLoRA-style)")
     a("--lr", type=float, help="peak learning rate [1e-3 classification, 2e-4 otherwise]")
@@ -71,6 +72,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--tensorboard", action="store_true", help="also log to <out>/tensorboard")
     a("--no-progress", dest="progress", action="store_false")
     a("--num-labels", type=int)
+    a("--calibration-batches", type=int, help="training batches for data-scored methods (SNIP/GraSP masks) [4]")
 
 
 def _common_model_args(p: argparse.ArgumentParser, adapter_required: bool = True) -> None:
