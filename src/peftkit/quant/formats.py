@@ -57,8 +57,11 @@ def quantize_4bit(weight: torch.Tensor, kind: str, blocksize: int) -> tuple[torc
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, kind: str, blocksize: int, numel: int) -> torch.Tensor:
-    """float32 values (numel,): one gather of two values per byte, then the per-block scale."""
-    values = pair_table(kind, packed.device).index_select(0, packed.int())  # (bytes, 2)
+    """float32 values (numel,): one gather of two values per byte, then the per-block scale.
+
+    The (256, 2) float32 pair table is gathered as 8-byte words (twice as fast on CPU as gathering rows)."""
+    pairs = pair_table(kind, packed.device).view(torch.int64).view(-1)  # (256,) two float32 per word
+    values = pairs.index_select(0, packed.int()).view(torch.float32)  # (2 * bytes,)
     values = values.view(-1, blocksize).mul_(absmax.unsqueeze(1))
     return values.view(-1)[:numel]
 
