@@ -283,14 +283,14 @@ class Trainer:
                     raise Interrupted(step + 1, self.out / "checkpoint")
                 if stopped_early:
                     break
-        if bar is not None:
-            bar.close()
-        train_seconds = self.state["elapsed"]
-        metrics = self.evaluate()
-        if metrics:
-            self._after_eval(self.state["step"], metrics)
-        self.state["finished"], self.state["stopped_early"] = True, stopped_early
-        self.save_checkpoint()
+            if bar is not None:
+                bar.close()
+            train_seconds = self.state["elapsed"]
+            metrics = self.evaluate()  # a Ctrl-C from here on lets the run finish: little is left
+            if metrics:
+                self._after_eval(self.state["step"], metrics)
+            self.state["finished"], self.state["stopped_early"] = True, stopped_early
+            self.save_checkpoint()
         return FitResult(self.state["step"], train_seconds, metrics, self.state["best"], self.state["history"],
                          stopped_early)
 
