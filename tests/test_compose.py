@@ -93,6 +93,7 @@ def test_gates_start_at_half_learn_and_keep_identity():
     assert torch.equal(gated[0].gate("contribution", x), torch.full((3, 5, 1), 0.5))
     _train(tuned, inputs, steps=4)
     assert not torch.equal(gated[0].gate("contribution", x), torch.full((3, 5, 1), 0.5))
+    torch.testing.assert_close(gated[0].gate("contribution", 50 * x), gated[0].gate("contribution", x))  # scale-free
     with pytest.raises(peftkit.NotMergeableError):
         tuned.merge_adapter()
 
