@@ -148,8 +148,8 @@ def _put(module: nn.Module, attr: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _stream(model: nn.Module, files: list[Path], quantized: dict[str, QuantLinear], dtype: torch.dtype | None
-            ) -> tuple[set[str], list[str]]:
+def _stream(model: nn.Module, files: list[Path], quantized: dict[str, QuantLinear], dtype: torch.dtype | None,
+            device: torch.device) -> tuple[set[str], list[str]]:
     owners = _owners(model)
     prefix = getattr(model, "base_model_prefix", "") or ""
     loaded, unexpected = set(), []
@@ -163,7 +163,7 @@ def _stream(model: nn.Module, files: list[Path], quantized: dict[str, QuantLinea
                     if not key.endswith(_IGNORED_SUFFIXES):
                         unexpected.append(key)
                     continue
-                tensor = f.get_tensor(key)
+                tensor = f.get_tensor(key).to(device)  # quantized where it will run
                 since_release += tensor.numel() * tensor.element_size()
                 if weight_key is not None:
                     layer = quantized[weight_key]
@@ -212,6 +212,7 @@ def load_quantized(path: str | Path, scheme: str = "nf4", *, task: str | None = 
                    double_quant: bool = True, blocksize: int = 64, compute_dtype: torch.dtype | str | None = None,
                    targets: Spec = "all-linear", exclude: Spec = None, layers: LayerSpec = None,
                    backend: str = "torch", dtype: torch.dtype | str | None = None,
+                   device: torch.device | str = "cpu",
                    **config_overrides: Any) -> nn.Module:
     """A Hugging Face model from `path` with its linear layers quantized while loading.
 
@@ -222,6 +223,8 @@ def load_quantized(path: str | Path, scheme: str = "nf4", *, task: str | None = 
         task: "causal-lm" or "classification" (default: from the config's architectures).
         model_class: a transformers ``AutoModelFor...`` or model class instead of `task`.
         dtype: dtype of the layers that stay in full precision (default: as stored).
+        device: where the model goes; each tensor is moved there as it is read, then quantized
+            there (so with "cuda" only the quantized model plus one tensor ever sits on the GPU).
         config_overrides: passed to ``AutoConfig.from_pretrained`` (e.g. ``num_labels=2``).
         The other options are those of `peftkit.quantize`.
 
@@ -238,13 +241,13 @@ def load_quantized(path: str | Path, scheme: str = "nf4", *, task: str | None = 
     model = _skeleton(folder, task, model_class, config_overrides)
     quantized = _placeholders(model, spec, parse_dtype(compute_dtype), parse_dtype(dtype, "dtype"),
                               targets, exclude, layers)
-    loaded, unexpected = _stream(model, files, quantized, parse_dtype(dtype, "dtype"))
+    loaded, unexpected = _stream(model, files, quantized, parse_dtype(dtype, "dtype"), torch.device(device))
     _finish(model, quantized, loaded)
     if unexpected:
         warnings.warn(f"{folder}: {len(unexpected)} checkpoint tensor(s) fit no module of "
                       f"{type(model).__name__} and were skipped, e.g. {unexpected[:3]}", stacklevel=2)
     _generation_config(model, folder)
-    return model.eval()
+    return model.to(device).eval()  # the few tensors built in place (buffers, a new head)
 
 
 def _generation_config(model: nn.Module, folder: Path) -> None:

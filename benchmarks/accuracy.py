@@ -1,0 +1,171 @@
+"""Every method on the real all-MiniLM-L6-v2 + Rotten Tomatoes, against a frozen-backbone, head-only
+baseline: held-out accuracy and trainable share, through ``peftkit train`` (the user's path).
+
+    nice .venv/bin/python benchmarks/accuracy.py head-only                 # the baseline
+    nice .venv/bin/python benchmarks/accuracy.py run adapter ia3 ...       # cases below (default: all)
+    .venv/bin/python benchmarks/accuracy.py summarize                      # the table so far
+
+``run`` calls ``peftkit train --method M --method-options O`` with the job's defaults (one epoch of
+the fixed split, batch 32, lr 1e-3, linear schedule, seed 0) in a fresh process per case and appends
+its JSON line to <out>/results.jsonl, so cases can be split over processes and summarised later.
+Data-scored masks (SNIP) calibrate on the first 4 training batches, as ``peftkit train`` does.
+
+``head-only``: the backbone frozen, features of the train and test split computed once (mean-pooled
+last layer, [CLS], and BERT's pooler), a logistic-regression head fitted by L-BFGS for three weight
+decays; the best test accuracy of the nine is the baseline (favouring the baseline, not peftkit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from _common import minilm_path
+
+DENSE = {"bottleneck": 64}
+CASES: dict[str, tuple[str, dict]] = {
+    "lora (all linear)": ("lora", {"targets": "all-linear"}),
+    "lora r=8 q,v": ("lora", {"r": 8, "alpha": 16}),
+    "adapter (houlsby m=64)": ("adapter", {}),
+    "adapter pfeiffer": ("adapter", {"placement": "pfeiffer"}),
+    "parallel_adapter": ("parallel_adapter", {}),
+    "ia3": ("ia3", {}),
+    "prompt_tuning": ("prompt_tuning", {}),
+    "p_tuning": ("p_tuning", {}),
+    "prefix_tuning": ("prefix_tuning", {}),
+    "bitfit": ("bitfit", {}),
+    "ln_tuning": ("ln_tuning", {}),
+    "layer_tuning": ("layer_tuning", {}),
+    "mam": ("mam", {}),
+    "unipelt": ("unipelt", {}),
+    "sparse_adapter m=64 40%": ("sparse_adapter", {"base_options": DENSE, "sparsity": 0.4}),
+    "sparse_adapter m=64 80%": ("sparse_adapter", {"base_options": DENSE, "sparsity": 0.8}),
+    "large-sparse m=320 80%": ("sparse_adapter", {"base_options": {"bottleneck": 320}, "sparsity": 0.8}),
+}
+
+
+def options_text(options: dict) -> str:
+    return ",".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in options.items())
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.cases or list(CASES):
+        if name not in CASES:
+            raise SystemExit(f"unknown case {name!r}; cases: {', '.join(CASES)}")
+        method, options = CASES[name]
+        cmd = [sys.executable, "-m", "peftkit", "train", "--method", method, "--threads", str(args.threads),
+               "--seed", str(args.seed), "--no-progress", "--no-eval-before", "--json",
+               "--out", str(out / name.replace(" ", "_").replace("/", "-"))]
+        if options:
+            cmd += ["--method-options", options_text(options)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"{name}: failed\n{done.stderr[-3000:]}", flush=True)
+            continue
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        with (out / "results.jsonl").open("a") as f:
+            f.write(json.dumps({"case": name, "command": " ".join(cmd[1:]), **result}) + "\n")
+        print(f"{name}: accuracy {result['metrics']['accuracy']:.4f}, trainable {result['trainable_params']:,} "
+              f"({result['train_seconds']:.0f} s)", flush=True)
+
+
+@torch.no_grad()
+def features(texts: list[str], tok, encoder, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = {k: torch.empty(len(texts), encoder.config.hidden_size) for k in ("mean", "cls", "pooler")}
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        hidden = encoder(**batch)
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        out["mean"][idx] = (hidden.last_hidden_state * mask).sum(1) / mask.sum(1)
+        out["cls"][idx] = hidden.last_hidden_state[:, 0]
+        out["pooler"][idx] = hidden.pooler_output
+    return out
+
+
+def fit_head(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+             weight_decay: float) -> float:
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    head = torch.nn.Linear(x_train.shape[1], 2)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(x_train), y_train) + weight_decay * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return (head(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def head_only(args: argparse.Namespace) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from peftkit import assets
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data = assets.rotten_tomatoes()
+    train = [r for r, held in zip(data.records, data.split, strict=True) if not held]
+    test = [r for r, held in zip(data.records, data.split, strict=True) if held]
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    encoder = AutoModel.from_pretrained(minilm_path()).eval()
+    f_train, f_test = (features([r["text"] for r in rows], tok, encoder) for rows in (train, test))
+    y_train, y_test = (torch.tensor([r["label"] for r in rows]) for rows in (train, test))
+    best = ("", 0.0, 0.0)
+    for pooling in f_train:
+        for wd in (1e-4, 1e-3, 1e-2):
+            acc = fit_head(f_train[pooling], y_train, f_test[pooling], y_test, wd)
+            print(f"head-only [{pooling}] weight decay {wd:g}: test accuracy {acc:.4f}")
+            best = max(best, (pooling, wd, acc), key=lambda b: b[2])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "head_only.json").write_text(json.dumps({"pooling": best[0], "weight_decay": best[1], "accuracy": best[2],
+                                                    "train": len(train), "test": len(test)}))
+    print(f"baseline: {best[2]:.4f} ({best[0]}-pooled features, weight decay {best[1]:g}; "
+          f"{len(train)} train / {len(test)} test)")
+
+
+def summarize(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    base_file = out / "head_only.json"
+    base = json.loads(base_file.read_text())["accuracy"] if base_file.exists() else None
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    latest = {r["case"]: r for r in rows}
+    print(f"all-MiniLM-L6-v2 + Rotten Tomatoes ({rows[0]['steps']} steps of 32, held-out {rows[0]['metrics']['examples']})"
+          + (f"; head-only baseline {base:.4f}" if base is not None else ""))
+    print(f"{'case':26}{'trainable':>11}{'% of base':>10}{'accuracy':>10}{'macro-F1':>10}"
+          + (f"{'vs head-only':>14}" if base is not None else ""))
+    for name in [n for n in CASES if n in latest]:
+        r = latest[name]
+        share = 100 * r["trainable_params"] / r["total_params"]
+        acc = r["metrics"]["accuracy"]
+        print(f"{name:26}{r['trainable_params']:>11,}{share:>10.3f}{acc:>10.4f}{r['metrics']['macro_f1']:>10.4f}"
+              + (f"{acc - base:>+14.4f}" if base is not None else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "head-only", "summarize"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", default="/tmp/peftkit-accuracy")
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--seed", type=int, default=0)
+    sub.choices["run"].add_argument("cases", nargs="*", help=f"case names (default: all): {', '.join(CASES)}")
+    args = parser.parse_args()
+    {"run": run, "head-only": head_only, "summarize": summarize}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
