@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from peftkit import cli
+from peftkit.core import registry as peftkit_registry
 from peftkit.core.errors import ConfigError
 from peftkit.train.config import TrainConfig, from_mapping, load_file, parse_options
 from peftkit.train.trainer import lr_factor
@@ -85,3 +86,10 @@ def test_default_method_only_without_method_flags() -> None:
     assert (TrainConfig().resolved().method, TrainConfig().resolved().method_options) == ("lora", {"targets": "all-linear"})
     assert TrainConfig(method="lora").resolved().method_options == {}  # --method lora: LoRA's own defaults
     assert TrainConfig(method_options={"r": 4}).resolved().method_options == {"r": 4}
+
+
+def test_method_recommended_learning_rate_is_the_default_and_flags_win():
+    assert TrainConfig(method="ia3").resolved().lr == peftkit_registry.recommended_lr("ia3") == 1e-2
+    assert TrainConfig(method="ia3", lr=1e-4).resolved().lr == 1e-4
+    assert TrainConfig(method="lora").resolved().lr == 1e-3  # no recommendation: the task default
+    assert TrainConfig(method="lora", task="instruction").resolved().lr == 2e-4

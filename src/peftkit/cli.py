@@ -46,7 +46,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                        "--method nor --method-options is given]")
     a("--method-options", help="k=v,... e.g. r=16,alpha=32,targets=[query,value] (YAML values)")
     a("--quantize", choices=["nf4", "fp4", "int8"], help="quantize the frozen base (QLoRA-style)")
-    a("--lr", type=float, help="peak learning rate [1e-3 classification, 2e-4 otherwise]")
+    a("--lr", type=float, help="peak learning rate [the method's recommended rate (`peftkit methods`), else 1e-3 classification, 2e-4 otherwise]")
     a("--weight-decay", type=float)
     a("--schedule", choices=["cosine", "linear", "constant"], help="after warmup [linear]")
     a("--warmup", type=float, help="warmup: fraction of steps (<1) or a step count [0.06]")

@@ -98,6 +98,9 @@ class MethodSpec:
     # (e.g. a recipe that quantizes it). Runs on every attach, so it must be idempotent; `build`
     # itself never changes the model.
     prepare: Callable[[nn.Module, Any], None] | None = None
+    # Peak learning rate the method's paper (or short-run measurement) recommends; trainers use
+    # it when the user gives none. None: the trainer's task default.
+    lr: float | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -121,6 +124,12 @@ def get(name: str) -> MethodSpec:
             f"unknown method {name!r}.{did_you_mean(name, _METHODS)} Registered methods: {', '.join(sorted(_METHODS))}."
         )
     return _METHODS[name]
+
+
+def recommended_lr(name: str | None) -> float | None:
+    """The registered method's recommended learning rate (None if it has none or is unknown)."""
+    spec = _METHODS.get(name) if name else None
+    return spec.lr if spec else None
 
 
 def by_peft_type(peft_type: str) -> MethodSpec:

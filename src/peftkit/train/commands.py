@@ -227,8 +227,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from ..core import registry
 
     rows = [{"name": s.name, "family": s.family, "summary": s.summary, "hf_peft": s.hf is not None,
-             "options": [o for o in s.config_cls.option_names()]} for s in registry.specs()]
+             "recommended_lr": s.lr, "options": [o for o in s.config_cls.option_names()]} for s in registry.specs()]
     width = max((len(r["name"]) for r in rows), default=4)
-    lines = [f"{r['name']:<{width}}  {r['family']:<16} {r['summary']}" for r in rows]
+    lines = [f"{r['name']:<{width}}  {r['family']:<16} {r['summary']}"
+             + (f" Default lr {r['recommended_lr']:g}." if r["recommended_lr"] else "") for r in rows]
     _emit(args, {"methods": rows}, "\n".join(lines))
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from ..core.errors import ConfigError, did_you_mean
+from ..core.registry import recommended_lr
 
 TASKS = ("classification", "instruction", "lm")
 # With neither --method nor --method-options: LoRA (r=8, alpha=16) on every linear layer but the heads,
@@ -40,7 +41,7 @@ class TrainConfig:
     method_options: dict[str, Any] | None = None  # None: the method's own defaults
     quantize: str | None = None
     optimizer: str = "adamw"
-    lr: float | None = None  # None: 1e-3 for classification, 2e-4 otherwise
+    lr: float | None = None  # None: the method's recommended rate, else 1e-3 classification, 2e-4 otherwise
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup: float = 0.06  # < 1: a fraction of the steps; >= 1: a number of steps
@@ -78,7 +79,8 @@ class TrainConfig:
             method, options = self.method, self.method_options or {}
         return dataclasses.replace(
             self, method=method, method_options=options,
-            lr=self.lr if self.lr is not None else (1e-3 if task == "classification" else 2e-4),
+            lr=self.lr if self.lr is not None else (recommended_lr(method)
+                                                    or (1e-3 if task == "classification" else 2e-4)),
             max_length=self.max_length if self.max_length is not None else (128 if task == "classification" else 256),
             batch_size=self.batch_size if self.batch_size is not None else (32 if task == "classification" else 8),
         )

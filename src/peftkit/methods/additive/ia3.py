@@ -6,6 +6,7 @@ FFN down projection the *input* ``y = W (l ⊙ x) + b``. Placement: the key and 
 down projection of every block, found by `core.arch`; or any linear layers given as `targets`,
 with `feedforward` naming those scaled on the input. Init: ones, so the model is unchanged at init.
 Mergeable: ``W ← diag(l) W, b ← l ⊙ b`` (output) or ``W ← W diag(l)`` (input).
+Trainer default learning rate 1e-2 (T-Few trains (IA)³ at 3e-3 over many more steps; 1e-2 suits one-epoch runs); the task head trains at it too.
 """
 
 from __future__ import annotations
@@ -107,4 +108,5 @@ register(MethodSpec(
     summary="Learned vectors scaling keys, values and the FFN down-projection input; mergeable.",
     hf=IA3_CODEC,
     identity_at_init=True,
+    lr=1e-2,
 ))

@@ -9,6 +9,7 @@ Only P is saved; a loaded P is stored directly. Masks, labels and `generate()` a
 
 Placement: the model's input embeddings. Init: E ~ N(0, 1), encoder default init (PEFT's).
 Defaults: k = 20, encoder = mlp, h = d. Not mergeable.
+Trainer default learning rate 1e-2 (soft tokens need far larger steps than weights); the task head trains at it too.
 """
 
 from __future__ import annotations
@@ -83,4 +84,5 @@ register(MethodSpec(
     build=build,
     summary="Virtual tokens produced by a trainable prompt encoder (MLP or LSTM); only the tokens are saved.",
     hf=P_TUNING_CODEC,
+    lr=1e-2,
 ))

@@ -10,6 +10,7 @@ Init: ``"vocabulary"`` (embeddings of k random vocabulary tokens, the default), 
 (N(0, σ²) with σ the std of the embedding table) or ``"text"`` (the embeddings of `init_text`
 tokenised with `tokenizer`, repeated to length k; needs that tokenizer whenever the adapter is
 built, also when loading). Defaults: k = 20. Not mergeable. Expect it weak on small models.
+Trainer default learning rate 3e-2 (the paper uses 0.3 with Adafactor; 3e-2 with AdamW); the task head trains at it too.
 """
 
 from __future__ import annotations
@@ -90,4 +91,5 @@ register(MethodSpec(
     build=build,
     summary="Trainable virtual-token embeddings before the input embeddings (soft prompt).",
     hf=PROMPT_CODEC,
+    lr=3e-2,
 ))
