@@ -13,6 +13,8 @@ parameter-owning layer becomes its own site, so mixed-adapter batches work as fo
 Init: the copies equal the pretrained values (unchanged model at init). Storage: the tuned values
 (`TrainableCopy`), exact on load and merge, base never written (exact ``disabled()``). The task
 head trains as a full copy (``trainable_modules="auto"``).
+Trainer default learning rate 1e-4: whole blocks are fine-tuned as in full fine-tuning, where 1e-3
+with AdamW is too large for pretrained weights.
 """
 
 from __future__ import annotations
@@ -104,4 +106,5 @@ register(MethodSpec(
     build=build,
     summary="Fine-tune whole blocks (last k, or named layers/modules) as trainable copies; mergeable.",
     identity_at_init=True,
+    lr=1e-4,
 ))
