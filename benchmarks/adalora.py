@@ -85,7 +85,7 @@ def run_cli(method: str, options: str, seed: int, args: argparse.Namespace) -> d
 def plan(args: argparse.Namespace) -> dict[str, str]:
     t_init, t_final = args.steps // 10, args.steps // 5
     return {
-        "lora": f"r={args.target_r},alpha={2 * args.target_r}",
+        "lora": f"r={args.target_r},alpha={2 * args.target_r},targets=[query,value]",  # AdaLoRA's sites
         "adalora": (f"init_r={args.init_r},target_r={args.target_r},alpha={2 * args.init_r},"
                     f"total_steps={args.steps},t_init={t_init},t_final={t_final},delta_t={max(1, args.steps // 20)},"
                     f"orth_reg={args.orth_reg}"),

@@ -56,7 +56,7 @@ def test_flags_override_file_and_print_config(tmp_path, capsys) -> None:
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["batch_size"] == 16  # flag wins
     assert shown["lr"] == 0.01 and shown["seed"] == 3  # file kept where no flag was given
-    assert shown["method_options"] == {"r": 2, "alpha": 4}
+    assert shown["method_options"] == {"targets": "all-linear", "r": 2, "alpha": 4}  # over LoRA's training options
     assert shown["model"] == "minilm" and shown["data"] == "rotten-tomatoes"  # defaults fill the rest
 
 
@@ -82,14 +82,23 @@ def test_lr_schedule_shapes() -> None:
     assert lr_factor(50, 100, 0, "constant") == 1.0
 
 
-def test_default_method_only_without_method_flags() -> None:
+def test_default_method_is_lora_with_its_training_options() -> None:
     assert (TrainConfig().resolved().method, TrainConfig().resolved().method_options) == ("lora", {"targets": "all-linear"})
-    assert TrainConfig(method="lora").resolved().method_options == {}  # --method lora: LoRA's own defaults
-    assert TrainConfig(method_options={"r": 4}).resolved().method_options == {"r": 4}
+    assert TrainConfig(method="lora").resolved() == TrainConfig().resolved()
+    assert TrainConfig(method_options={"r": 4}).resolved().method_options == {"targets": "all-linear", "r": 4}
 
 
 def test_method_recommended_learning_rate_is_the_default_and_flags_win():
     assert TrainConfig(method="ia3").resolved().lr == peftkit_registry.recommended_lr("ia3") == 1e-2
     assert TrainConfig(method="ia3", lr=1e-4).resolved().lr == 1e-4
     assert TrainConfig(method="lora").resolved().lr == 1e-3  # no recommendation: the task default
-    assert TrainConfig(method="lora", task="instruction").resolved().lr == 2e-4
+    assert TrainConfig(method="lora", task="instruction").resolved().lr == 1e-3
+
+
+def test_method_training_options_under_the_users():
+    assert TrainConfig(method="lora").resolved().method_options == {"targets": "all-linear"}
+    assert TrainConfig(method="lora", method_options={"r": 4}).resolved().method_options == {"targets": "all-linear",
+                                                                                             "r": 4}
+    mine = {"targets": ["query", "value"]}
+    assert TrainConfig(method="lora", method_options=mine).resolved().method_options == mine
+    assert TrainConfig(method="ia3").resolved().method_options == {}

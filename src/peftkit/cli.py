@@ -42,11 +42,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--eval-fraction", type=float, help="held-out share when the data has no split of its own [0.1]")
     for role in ("text", "label", "prompt", "response"):
         a(f"--{role}-field", help=f"column holding the {role}")
-    a("--method", help="a registered method (see `peftkit methods`) [lora; on all linear layers when neither "
-                       "--method nor --method-options is given]")
-    a("--method-options", help="k=v,... e.g. r=16,alpha=32,targets=[query,value] (YAML values)")
+    a("--method", help="a registered method (see `peftkit methods`) [lora]")
+    a("--method-options", help="k=v,... over the method's recommended training options (`peftkit methods`; LoRA: "
+                               "every linear layer), e.g. r=16,alpha=32,targets=[query,value] (YAML values)")
     a("--quantize", choices=["nf4", "fp4", "int8"], help="quantize the frozen base (QLoRA-style)")
-    a("--lr", type=float, help="peak learning rate [the method's recommended rate (`peftkit methods`), else 1e-3 classification, 2e-4 otherwise]")
+    a("--lr", type=float, help="peak learning rate [the method's recommended rate (`peftkit methods`), else 1e-3]")
     a("--weight-decay", type=float)
     a("--schedule", choices=["cosine", "linear", "constant"], help="after warmup [linear]")
     a("--warmup", type=float, help="warmup: fraction of steps (<1) or a step count [0.06]")

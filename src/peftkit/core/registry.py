@@ -101,6 +101,9 @@ class MethodSpec:
     # Peak learning rate the method's paper (or short-run measurement) recommends; trainers use
     # it when the user gives none. None: the trainer's task default.
     lr: float | None = None
+    # Options trainers start from (the user's options override them), where a training run is best
+    # served by something other than the method's minimal default (e.g. wider placement).
+    train_options: dict[str, Any] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -130,6 +133,12 @@ def recommended_lr(name: str | None) -> float | None:
     """The registered method's recommended learning rate (None if it has none or is unknown)."""
     spec = _METHODS.get(name) if name else None
     return spec.lr if spec else None
+
+
+def recommended_options(name: str | None) -> dict[str, Any]:
+    """Options a trainer starts from for the registered method `name` (empty if none or unknown)."""
+    spec = _METHODS.get(name) if name else None
+    return dict(spec.train_options or {}) if spec else {}
 
 
 def by_peft_type(peft_type: str) -> MethodSpec:
