@@ -12,7 +12,6 @@ and decoders alike), through transformers' AttentionInterface (see `kv_prefix.py
 padding masks, gradient checkpointing and `generate()` with its KV cache. Layout of P per virtual
 token: ``[layer0 K (H_kv×hd) | layer0 V | layer1 K | …]``, PEFT's ``prompt_embeddings`` layout.
 Init: E ~ N(0, 1) (PEFT's), MLP default init. Defaults: l = 10, h = 512. Not mergeable.
-Trainer default learning rate 1e-2 (soft tokens need far larger steps than weights); the task head trains at it too.
 """
 
 from __future__ import annotations
@@ -165,5 +164,4 @@ register(MethodSpec(
     build=build,
     summary="Trainable key/value rows before every self-attention (MLP-reparameterised while training).",
     hf=PREFIX_CODEC,
-    lr=1e-2,
 ))
