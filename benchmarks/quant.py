@@ -183,15 +183,20 @@ def quality_runs(args: argparse.Namespace) -> dict[str, Any]:
     """Held-out loss after the same CLI training steps: fp32 LoRA (all linear) against qlora."""
     out = {}
     common = ["--model", "smollm2", "--task", "instruction", "--data", "chatterbot", "--max-steps", str(args.quality),
-              "--batch-size", str(args.batch), "--max-length", str(args.length), "--seed", "0", "--lr", "2e-4",
+              "--batch-size", str(args.batch), "--max-length", str(args.length), "--seed", "0", "--lr", str(args.quality_lr),
               "--threads", str(args.threads), "--no-progress", "--json"]
     runs = {"fp32-lora": ["--method", "lora", "--method-options", "targets=all-linear,r=8,alpha=16"],
             "qlora": ["--method", "qlora", "--method-options", "r=8,alpha=16"]}
-    for name, extra in runs.items():
+    procs = {}
+    for name, extra in runs.items():  # side by side: the same conditions for both
         cmd = [sys.executable, "-m", "peftkit", "train", *common, *extra, "--out", str(Path(args.runs) / name)]
         print("$", " ".join(cmd[1:]), flush=True)
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for name, proc in procs.items():
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"{name} quality run failed (exit {proc.returncode})")
+        result = json.loads(stdout.strip().splitlines()[-1])
         out[name] = {"loss_before": result["metrics_before"].get("loss"), "loss_after": result["metrics"]["loss"],
                      "train_seconds": result["train_seconds"]}
     out["qlora_vs_fp32_loss"] = round(out["qlora"]["loss_after"] / out["fp32-lora"]["loss_after"], 4)
@@ -209,7 +214,7 @@ def _child(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> None:
-    mem = results["memory"]
+    mem = results.get("memory", {})
     base = mem.get("fp32-lora")
     print(f"\n{'variant':<11} {'bytes/param':>11} {'load peak MB':>13} {'held MB':>8} {'train peak MB':>14} "
           f"{'step s':>7} {'step vs fp32':>12}")
@@ -223,7 +228,8 @@ def report(results: dict[str, Any]) -> None:
         print(f"(RSS after imports, before loading: {base['rss_after_imports_mb']:.0f} MB; peaks are whole-process)")
     if "quality" in results:
         q = results["quality"]
-        print(f"held-out loss after the same steps: fp32 LoRA {q['fp32-lora']['loss_after']:.4f}, "
+        print(f"held-out loss before: fp32 {q['fp32-lora']['loss_before']:.4f}, NF4 {q['qlora']['loss_before']:.4f}; "
+              f"after the same steps: fp32 LoRA {q['fp32-lora']['loss_after']:.4f}, "
               f"qlora {q['qlora']['loss_after']:.4f} (ratio {q['qlora_vs_fp32_loss']:.4f})")
 
 
@@ -238,6 +244,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadiest on a shared machine)")
     parser.add_argument("--quality", type=int, default=0, help="also train N CLI steps per method and compare loss")
+    parser.add_argument("--quality-lr", type=float, default=1e-3, help="learning rate of the quality runs")
+    parser.add_argument("--quality-only", action="store_true", help="skip memory and speed")
     parser.add_argument("--runs", default="runs/bench-quant", help="output folder of the quality runs")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -249,9 +257,10 @@ def main() -> None:
         print(json.dumps(speed_worker(args)))
         return
     results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "variant")}}
-    results["memory"] = {v: _child(args, "--worker", "memory", "--variant", v) for v in args.variants}
-    print(json.dumps(results["memory"], indent=1), flush=True)
-    results["speed"] = _child(args, "--worker", "speed")
+    if not args.quality_only:
+        results["memory"] = {v: _child(args, "--worker", "memory", "--variant", v) for v in args.variants}
+        print(json.dumps(results["memory"], indent=1), flush=True)
+        results["speed"] = _child(args, "--worker", "speed")
     if args.quality:
         results["quality"] = quality_runs(args)
     report(results)
