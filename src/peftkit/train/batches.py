@@ -9,9 +9,34 @@ shuffled again: little padding, still random.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .data import IGNORE, Encoded
+
+
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether a transformers model's forward can compute logits for its last positions only."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def answer_logits_only(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ask a causal LM for logits only from the position before the first labelled token on.
+
+    With answer-only loss masks most positions (system prompt, question) take no loss, yet the
+    vocabulary projection and its backward would run on all of them (the largest layer of a small
+    LM). Passing ``logits_to_keep=K`` with the labels trimmed to their last K columns gives the
+    same loss: transformers' causal-LM loss shifts the labels it gets against the logits it made.
+    """
+    labels = batch["labels"]
+    if labels.dim() != 2:
+        return batch
+    labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    if len(labelled) == 0 or int(labelled[0]) == 0:
+        return batch
+    keep = labels.shape[1] - int(labelled[0])  # from the position that predicts the first target
+    return {**batch, "labels": labels[:, -keep:], "logits_to_keep": keep}
 
 
 def epoch_batches(lengths: torch.Tensor, global_batch: int, seed: int, epoch: int, *,

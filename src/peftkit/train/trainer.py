@@ -27,7 +27,14 @@ import torch
 
 from ..core.errors import PeftkitError
 from . import checkpoint as ckpt
-from .batches import collate, epoch_batches, eval_batches, micro_batches
+from .batches import (
+    answer_logits_only,
+    collate,
+    epoch_batches,
+    eval_batches,
+    micro_batches,
+    takes_logits_to_keep,
+)
 from .config import TrainConfig
 from .data import Encoded, Prepared
 from .distributed import Dist, all_sum, barrier, wrap
@@ -124,6 +131,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0,
                                       "finished": False, "stopped_early": False}
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.trim_logits = data.train.per_token and takes_logits_to_keep(getattr(tuned, "model", tuned))
         if n < self.pieces:
             raise PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
                                     "lower --batch-size / --grad-accum or add data.")
@@ -191,6 +199,8 @@ class Trainer:
         for j in range(self.cfg.grad_accum):
             index = parts[j * self.dist.world + self.dist.rank]
             inputs = self._to_device(collate(enc, index, self.pad_id))
+            if self.trim_logits:
+                inputs = answer_logits_only(inputs)
             sync = j == self.cfg.grad_accum - 1 or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 out = self.model(**inputs)
@@ -325,6 +335,8 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
     for index in eval_batches(enc, batch_size, dist.rank, dist.world):
         inputs = {key: v.to(dist.device) for key, v in collate(enc, index, pad_id).items()}
+        if enc.per_token and takes_logits_to_keep(getattr(model, "model", model)):
+            inputs = answer_logits_only(inputs)
         out = model(**inputs)
         units = float(enc.units[index].sum())
         loss_sum += torch.tensor([float(out.loss) * units, units], dtype=torch.float64)
