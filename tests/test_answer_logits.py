@@ -37,8 +37,10 @@ def test_same_loss_and_gradients(build, method) -> None:
         tuned.zero_grad(set_to_none=True)
         out = tuned(**inputs)
         out.loss.backward()
-        results.append((out.loss.detach(), [p.grad.clone() for p in tuned.parameters() if p.requires_grad]))
-    (full_loss, full_grads), (loss, grads) = results
+        results.append((out.loss.detach(), [p.grad.clone() for p in tuned.parameters() if p.requires_grad],
+                        out.logits.detach()))
+    (full_loss, full_grads, full_logits), (loss, grads, logits) = results
+    torch.testing.assert_close(logits, full_logits[:, -8:])  # virtual-token rows stripped only from full logits
     torch.testing.assert_close(loss, full_loss, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -21,6 +21,12 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def trims_logits(model: torch.nn.Module, enc: Encoded) -> bool:
+    """Whether batches of `enc` for `model` (a TunedModel or a transformers model) go through
+    `answer_logits_only`: token-level labels and a forward that takes ``logits_to_keep``."""
+    return enc.per_token and takes_logits_to_keep(getattr(model, "model", model))
+
+
 def answer_logits_only(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Ask a causal LM for logits only from the position before the first labelled token on.
 
@@ -30,8 +36,6 @@ def answer_logits_only(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     same loss: transformers' causal-LM loss shifts the labels it gets against the logits it made.
     """
     labels = batch["labels"]
-    if labels.dim() != 2:
-        return batch
     labelled = (labels[:, 1:] != IGNORE).any(0).nonzero()
     if len(labelled) == 0 or int(labelled[0]) == 0:
         return batch

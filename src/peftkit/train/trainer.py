@@ -33,7 +33,7 @@ from .batches import (
     epoch_batches,
     eval_batches,
     micro_batches,
-    takes_logits_to_keep,
+    trims_logits,
 )
 from .config import TrainConfig
 from .data import Encoded, Prepared
@@ -131,7 +131,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0,
                                       "finished": False, "stopped_early": False}
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
-        self.trim_logits = data.train.per_token and takes_logits_to_keep(getattr(tuned, "model", tuned))
+        self.trim_logits = trims_logits(tuned, data.train)
         if n < self.pieces:
             raise PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
                                     "lower --batch-size / --grad-accum or add data.")
@@ -333,9 +333,10 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
     k = max(num_labels or 1, 1)
     confusion = torch.zeros(k, k, dtype=torch.float64)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
+    trim = trims_logits(model, enc)
     for index in eval_batches(enc, batch_size, dist.rank, dist.world):
         inputs = {key: v.to(dist.device) for key, v in collate(enc, index, pad_id).items()}
-        if enc.per_token and takes_logits_to_keep(getattr(model, "model", model)):
+        if trim:
             inputs = answer_logits_only(inputs)
         out = model(**inputs)
         units = float(enc.units[index].sum())
