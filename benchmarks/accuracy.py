@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> None:
                "--out", str(folder)]
         if options:
             cmd += ["--method-options", options_text(options)]
+        if args.head_lr is not None:
+            cmd += ["--head-lr", str(args.head_lr)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(f"{name}: failed\n{done.stderr[-3000:]}", flush=True)
@@ -171,6 +173,7 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--seed", type=int, default=0)
     sub.choices["run"].add_argument("cases", nargs="*", help=f"case names (default: all): {', '.join(CASES)}")
+    sub.choices["run"].add_argument("--head-lr", type=float, help="passed to peftkit train (default: its own)")
     args = parser.parse_args()
     {"run": run, "head-only": head_only, "summarize": summarize}[args.command](args)
 

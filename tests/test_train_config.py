@@ -92,7 +92,18 @@ def test_method_recommended_learning_rate_is_the_default_and_flags_win():
     assert TrainConfig(method="ia3").resolved().lr == peftkit_registry.recommended_lr("ia3") == 1e-2
     assert TrainConfig(method="ia3", lr=1e-4).resolved().lr == 1e-4
     assert TrainConfig(method="lora").resolved().lr == 1e-3  # no recommendation: the task default
-    assert TrainConfig(method="lora", task="instruction").resolved().lr == 1e-3
+    assert TrainConfig(method="lora", task="instruction").resolved().lr == 2e-3
+    assert TrainConfig(method="ia3", task="instruction").resolved().lr == 1e-2  # the method's rate first
+
+
+def test_evaluation_batch_defaults_by_task():
+    assert TrainConfig().resolved().eval_batch_size == 128
+    assert TrainConfig(task="instruction").resolved().eval_batch_size == 16  # vocabulary-wide logits
+    assert TrainConfig(task="lm", eval_batch_size=4).resolved().eval_batch_size == 4
+    with pytest.raises(ConfigError, match="eval_batch_size"):
+        TrainConfig(eval_batch_size=0).validate()
+    with pytest.raises(ConfigError, match="head_lr"):
+        TrainConfig(head_lr=-1.0).validate()
 
 
 def test_method_training_options_under_the_users():

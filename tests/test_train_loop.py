@@ -145,3 +145,33 @@ def test_data_calibrated_method_is_calibrated_before_training(tmp_path, bert_dir
                    echo=lines.append)
     assert result["steps"] == 3
     assert any("calibrated default on 2 training batches" in line for line in lines)
+
+
+def test_head_lr_puts_the_task_head_in_its_own_group(bert_dir) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit.train.trainer import param_groups
+
+    tuned = peftkit.attach(AutoModelForSequenceClassification.from_pretrained(bert_dir), peftkit.config("prefix_tuning"))
+    params = [p for p in tuned.parameters() if p.requires_grad]
+    head = tuned.head_parameters()
+    assert head and {p.shape for p in head} == {p.shape for p in tuned.model.classifier.parameters()}
+    one = param_groups(tuned, params, "default", TrainConfig(lr=1e-3).resolved())
+    assert len(one) == 1 and len(one[0]["params"]) == len(params)
+    two = param_groups(tuned, params, "default", TrainConfig(lr=1e-3, head_lr=1e-2).resolved())
+    assert [g["peak_lr"] for g in two] == [1e-3, 1e-2]
+    assert {id(p) for p in two[1]["params"]} == {id(p) for p in head}
+    assert len(two[0]["params"]) + len(two[1]["params"]) == len(params)
+
+
+def test_head_lr_trains_the_head_faster(tmp_path, bert_dir, sentiment_csv) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    start = AutoModelForSequenceClassification.from_pretrained(bert_dir).classifier.weight.detach()  # saved, not random
+
+    def head_change(out: Path, **options) -> float:
+        run(out, bert_dir, sentiment_csv, method="prefix_tuning", lr=1e-4, max_steps=4, **options)
+        (weight,) = [v for k, v in adapter_tensors(out / "adapter").items() if "classifier" in k and "weight" in k]
+        return float((weight.float() - start).abs().sum())
+
+    assert head_change(tmp_path / "b", head_lr=1e-1) > 10 * head_change(tmp_path / "a")

@@ -46,7 +46,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--method-options", help="k=v,... over the method's recommended training options (`peftkit methods`; LoRA: "
                                "every linear layer), e.g. r=16,alpha=32,targets=[query,value] (YAML values)")
     a("--quantize", choices=["nf4", "fp4", "int8"], help="quantize the frozen base (QLoRA-style)")
-    a("--lr", type=float, help="peak learning rate [the method's recommended rate (`peftkit methods`), else 1e-3]")
+    a("--lr", type=float, help="peak learning rate [the method's recommended rate (`peftkit methods`), else 2e-3 "
+                           "for instruction, 1e-3 otherwise]")
+    a("--head-lr", type=float, help="peak learning rate of a new task head (classification) [--lr]")
     a("--weight-decay", type=float)
     a("--schedule", choices=["cosine", "linear", "constant"], help="after warmup [linear]")
     a("--warmup", type=float, help="warmup: fraction of steps (<1) or a step count [0.06]")
@@ -57,7 +59,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--epochs", type=float, help="passes over the training data [1]")
     a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     a("--eval-every", type=int, help="evaluate (and keep the best adapter) every N steps")
-    a("--eval-batch-size", type=int)
+    a("--eval-batch-size", type=int, help="examples per evaluation batch [128 classification, 16 otherwise]")
     a("--save-every", type=int, help="checkpoint every N steps [eval-every, or 200]")
     a("--early-stopping", type=int, help="stop after N evaluations without improvement")
     a("--metric", help="metric for the best adapter [accuracy / loss]")

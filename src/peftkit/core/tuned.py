@@ -444,6 +444,13 @@ class TunedModel(nn.Module):
             own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
             delta.import_state(own)
 
+    def head_parameters(self, name: str = "default") -> list[nn.Parameter]:
+        """The trainable parameters of adapter `name`'s copy of the task head (e.g. ``classifier``)."""
+        heads = set(head_names(self.model))
+        return [p for prefix, delta in self.deltas(name)
+                if prefix.rpartition(".")[2] == COPY_SLOT and prefix.rpartition(".")[0] in heads
+                for p in delta.trainable_parameters() if p.requires_grad]
+
     def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         if name is None:
             return [p for p in self.parameters() if p.requires_grad]
