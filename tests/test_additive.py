@@ -109,8 +109,9 @@ def test_errors_name_the_option():
 
 # -- prefix tuning -------------------------------------------------------------------------------
 
-def _cache_route(tuned, name: str, inputs) -> torch.Tensor:
-    """The same prefix as a pre-filled cache (PEFT's route), real tokens at positions l, l+1, ..."""
+def _cache_route(tuned, name: str, inputs, shifted: bool = True) -> torch.Tensor:
+    """The same prefix as a pre-filled cache (PEFT's route), real tokens at positions l, l+1, ...
+    (or 0, 1, ... when not `shifted`)."""
     model = tuned.model
     rows = tuned.model_deltas["default"]["prefix"].rows()
     mask = inputs["attention_mask"]
@@ -119,8 +120,9 @@ def _cache_route(tuned, name: str, inputs) -> torch.Tensor:
     for i, (k, v) in enumerate(rows):
         cache.update(k.unsqueeze(0).expand(mask.shape[0], -1, -1, -1), v.unsqueeze(0).expand(mask.shape[0], -1, -1, -1), i)
     wide = torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype), mask], dim=1)
+    extra = {} if shifted else {"position_ids": torch.arange(mask.shape[1]).expand(mask.shape[0], -1)}
     with torch.no_grad():  # the bare model: site deltas (the task head copy) run, the prefix does not
-        return output_tensor(model(input_ids=inputs["input_ids"], attention_mask=wide, cache=cache))
+        return output_tensor(model(input_ids=inputs["input_ids"], attention_mask=wide, cache=cache, **extra))
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -128,12 +130,26 @@ def _cache_route(tuned, name: str, inputs) -> torch.Tensor:
 def test_prefix_equals_cache_route(name, implementation):
     model = BUILDERS[name]()
     model.config._attn_implementation = implementation
-    tuned = peftkit.attach(model, peftkit.config("prefix_tuning", num_virtual_tokens=3, reparam_hidden=8))
+    tuned = peftkit.attach(model, peftkit.config("prefix_tuning", num_virtual_tokens=3, reparam_hidden=8,
+                                                 shift_positions=True))
     perturb(tuned)
     inputs = inputs_of(name)  # row 0 is padded
     got = logits(tuned, inputs)
     assert model.config._attn_implementation == implementation  # the routing is undone after the call
     torch.testing.assert_close(got, _cache_route(tuned, name, inputs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,shifted", [("bert", False), ("llama", True), ("gpt2", True)])
+def test_prefix_shifts_positions_on_decoders_only(name, shifted):
+    """By default decoders see the prefix as a pre-filled cache (positions l, l+1, ...); encoders keep
+    their own positions, so BERT's [CLS] stays at position 0."""
+    tuned = peftkit.attach(BUILDERS[name](), peftkit.config("prefix_tuning", num_virtual_tokens=3, reparam_hidden=8))
+    assert tuned.model_deltas["default"]["prefix"].shift_positions is shifted
+    perturb(tuned)
+    inputs = inputs_of(name)
+    torch.testing.assert_close(logits(tuned, inputs), _cache_route(tuned, name, inputs, shifted), atol=1e-5, rtol=1e-5)
+    if shifted:  # and the other route really differs, so the check above can tell them apart
+        assert not torch.allclose(logits(tuned, inputs), _cache_route(tuned, name, inputs, False), atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

@@ -98,7 +98,10 @@ def test_peftkit_reads_peft(method, model_name, tmp_path):
 
 @pytest.mark.parametrize("method,model_name", CASES)
 def test_peft_reads_peftkit(method, model_name, tmp_path):
-    tuned = peftkit.attach(BUILDERS[model_name](), peftkit.config(method, **OURS[method]))
+    options = dict(OURS[method])
+    if method == "prefix_tuning" and model_name == "bert":
+        options["shift_positions"] = True  # encoders default to unshifted positions, which PEFT cannot express
+    tuned = peftkit.attach(BUILDERS[model_name](), peftkit.config(method, **options))
     randomize(tuned.trainable_parameters(), seed=1)
     inputs = inputs_of(model_name)
     expected = logits(tuned, inputs)
@@ -141,3 +144,13 @@ def test_generate_from_peft_file_matches_peft_forward(method, tmp_path):
     tuned = peftkit.load(BUILDERS["llama"](), tmp_path / "peft")
     got = tuned.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(got, expected)
+
+
+def test_unshifted_encoder_prefix_refuses_the_peft_format(tmp_path):
+    """On BERT the default prefix keeps [CLS] at position 0; PEFT always shifts, so writing it is refused."""
+    tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config("prefix_tuning", **OURS["prefix_tuning"]))
+    with pytest.raises(peftkit.ConfigError, match="shift_positions=True"):
+        tuned.save(tmp_path / "hf", format="hf-peft")
+    assert not (tmp_path / "hf").exists()
+    tuned.save(tmp_path / "ours")  # its own format keeps it
+    assert peftkit.load(BUILDERS["bert"](), tmp_path / "ours").config_of("default").method == "prefix_tuning"

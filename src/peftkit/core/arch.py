@@ -52,6 +52,12 @@ def _is_attention(module: nn.Module) -> bool:
     return "attention" in type(module).__name__.lower()
 
 
+def causal_attention(model: nn.Module) -> bool:
+    """Whether the model's self-attention is causal (a decoder), from the flag transformers'
+    attention modules carry; bidirectional encoders (BERT) have ``is_causal = False`` or none."""
+    return any(getattr(m, "is_causal", None) is True for m in model.modules() if _is_attention(m))
+
+
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     found = []
     for name, module in iter_sites(model):

@@ -101,6 +101,9 @@ class MethodSpec:
     # Peak learning rate the method's paper (or short-run measurement) recommends; trainers use
     # it when the user gives none. None: the trainer's task default.
     lr: float | None = None
+    # Peak rate for a new task head (a classifier), where it should differ from `lr`: methods that
+    # leave the features almost unchanged at init wait on the head, which then has to move faster.
+    head_lr: float | None = None
     # Options trainers start from (the user's options override them), where a training run is best
     # served by something other than the method's minimal default (e.g. wider placement).
     train_options: dict[str, Any] | None = None
@@ -133,6 +136,12 @@ def recommended_lr(name: str | None) -> float | None:
     """The registered method's recommended learning rate (None if it has none or is unknown)."""
     spec = _METHODS.get(name) if name else None
     return spec.lr if spec else None
+
+
+def recommended_head_lr(name: str | None) -> float | None:
+    """The registered method's recommended task-head learning rate (None: the same as its lr)."""
+    spec = _METHODS.get(name) if name else None
+    return spec.head_lr if spec else None
 
 
 def recommended_options(name: str | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ..core.errors import ConfigError, did_you_mean
-from ..core.registry import recommended_lr, recommended_options
+from ..core.registry import recommended_head_lr, recommended_lr, recommended_options
 
 TASKS = ("classification", "instruction", "lm")
 # Adapters on small models, for methods without a recommended rate of their own. Measured in one
@@ -46,7 +46,7 @@ class TrainConfig:
     quantize: str | None = None
     optimizer: str = "adamw"
     lr: float | None = None  # None: the method's recommended rate, else TASK_LR / DEFAULT_LR
-    head_lr: float | None = None  # a new task head's rate; None: lr
+    head_lr: float | None = None  # a new task head's rate; None: the method's recommended one, else lr
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup: float = 0.06  # < 1: a fraction of the steps; >= 1: a number of steps
@@ -82,6 +82,7 @@ class TrainConfig:
         return dataclasses.replace(
             self, method=method, method_options=options,
             lr=self.lr if self.lr is not None else (recommended_lr(method) or TASK_LR.get(task, DEFAULT_LR)),
+            head_lr=self.head_lr if self.head_lr is not None else recommended_head_lr(method),
             max_length=self.max_length if self.max_length is not None else (128 if task == "classification" else 256),
             batch_size=self.batch_size if self.batch_size is not None else (32 if task == "classification" else 8),
             eval_batch_size=self.eval_batch_size or (128 if task == "classification" else 16),

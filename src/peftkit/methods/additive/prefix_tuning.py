@@ -4,8 +4,10 @@ Trainable key/value rows are put before the keys and values of the self-attentio
 ``attn(Q, [P_K; K], [P_V; V])``, P_K, P_V ∈ R^{l×d_kv} per layer, seen by every query (causal
 masking applies to the real tokens only; padding masks are widened). While training, the rows are
 reparameterised: ``P = MLP(E)``, E ∈ R^{l×d_kv} → Linear(d_kv, h) → Tanh → Linear(h, 2·L·d_kv);
-only P is saved, and a loaded prefix is stored directly. Real tokens take positions l, l+1, …
-(``shift_positions``), as when the prefix is a pre-filled cache (the paper's GPT-2 code, PEFT).
+only P is saved, and a loaded prefix is stored directly. On decoders real tokens take positions
+l, l+1, … (``shift_positions``), as when the prefix is a pre-filled cache (the paper's GPT-2 code,
+PEFT); on bidirectional encoders they keep 0, 1, … so BERT's [CLS] stays where pre-training put it
+(measured on all-MiniLM-L6-v2 + Rotten Tomatoes, one epoch: 0.779 accuracy unshifted, 0.755 shifted).
 
 Placement: the self-attention of every transformer block found by `core.arch` (BERT-style encoders
 and decoders alike), through transformers' AttentionInterface (see `kv_prefix.py`); works with
@@ -47,7 +49,7 @@ class PrefixTuningConfig(SiteConfig):
     method = "prefix_tuning"
     num_virtual_tokens: int = 10
     reparam_hidden: int = 512
-    shift_positions: bool = True
+    shift_positions: bool | None = None  # None: True on decoders (causal attention), False on encoders
     num_kv_heads: int | None = None
     head_dim: int | None = None
 
@@ -153,7 +155,8 @@ def build(model: nn.Module, config: PrefixTuningConfig) -> Attachment:
     else:
         table = LearnedTable(torch.randn(n, 2 * len(names) * dim, **kw))
     attachment = Attachment()
-    attachment.model_deltas["prefix"] = KeyValuePrefix(table, names, kv_heads, head_dim, config.shift_positions)
+    shift = config.shift_positions if config.shift_positions is not None else arch.causal_attention(model)
+    attachment.model_deltas["prefix"] = KeyValuePrefix(table, names, kv_heads, head_dim, shift)
     return attachment
 
 
@@ -164,4 +167,7 @@ register(MethodSpec(
     build=build,
     summary="Trainable key/value rows before every self-attention (MLP-reparameterised while training).",
     hf=PREFIX_CODEC,
+    # the prefix at 1e-3 (its MLP collapses at 3e-3 and 1e-2); the fresh head under it at 1e-2
+    # (MiniLM + Rotten Tomatoes, one epoch: 0.779; with the head at 1e-3 it stays at the majority class)
+    head_lr=1e-2,
 ))

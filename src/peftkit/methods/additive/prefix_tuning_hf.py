@@ -26,9 +26,11 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
     if table.shape[1] != 2 * blocks * kv_heads * head_dim:
         raise ConfigError("a prefix on a subset of layers has no PEFT equivalent (PEFT prefixes every layer); "
                           "save it with format='peftkit'.")
-    if not config.shift_positions:
-        raise ConfigError("PEFT always starts real tokens after the prefix; shift_positions=False has no PEFT "
-                          "equivalent. Save it with format='peftkit'.")
+    shift = config.shift_positions if config.shift_positions is not None else arch.causal_attention(model)
+    if not shift:
+        raise ConfigError("PEFT always starts real tokens after the prefix, but this prefix keeps them at their own "
+                          "positions (shift_positions=False, the default on bidirectional encoders such as BERT). "
+                          "Save it with format='peftkit', or train it with shift_positions=True for a PEFT file.")
     hf = common_fields("PREFIX_TUNING", table, model)
     hf.update({
         "num_layers": blocks,
@@ -52,7 +54,7 @@ def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Modu
     geometry = {} if (heads, dim // heads) == arch.attention_geometry(model) else {
         "num_kv_heads": heads, "head_dim": dim // heads}
     config = make_config("prefix_tuning", num_virtual_tokens=int(table.shape[0]), reparam_hidden=0,
-                         trainable_modules=None, **geometry)
+                         shift_positions=True, trainable_modules=None, **geometry)
     return config, {"__model__.prefix.values": table}
 
 
