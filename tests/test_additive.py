@@ -261,10 +261,18 @@ def test_virtual_tokens_forward(method, name):
     wide = torch.cat([prompt.expand(3, -1, -1), embeds], dim=1)
     mask = torch.cat([torch.ones(3, 3, dtype=torch.long), data["attention_mask"]], dim=1)
     labels = data["labels"] if name == "bert" else torch.cat([torch.full((3, 3), -100), data["labels"]], dim=1)
+    # p_tuning on the encoder keeps the real tokens' positions ([CLS] at 0); otherwise they follow the prompt
+    length = data["input_ids"].shape[1]
+    unshifted = name == "bert" and method == "p_tuning"
+    positions = {} if not unshifted else {
+        "position_ids": torch.cat([torch.zeros(3, dtype=torch.long), torch.arange(length)]).expand(3, -1)}
     with torch.no_grad():
         out = tuned(**data)
         with tuned.disabled():
-            manual = tuned.model(inputs_embeds=wide, attention_mask=mask, labels=labels)
+            manual = tuned.model(inputs_embeds=wide, attention_mask=mask, labels=labels, **positions)
+            shifted = tuned.model(inputs_embeds=wide, attention_mask=mask, labels=labels)
+    if unshifted:
+        assert not torch.allclose(manual.logits, shifted.logits, rtol=1e-2, atol=0)  # the check can tell them apart
     expected = manual.logits if name == "bert" else manual.logits[:, 3:]
     assert out.logits.shape == expected.shape
     torch.testing.assert_close(out.logits, expected)

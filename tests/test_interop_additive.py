@@ -75,6 +75,7 @@ OURS = {
 VIRTUAL = {"prompt_tuning": NVT, "p_tuning": NVT}  # methods whose PEFT logits include virtual positions
 PEFT_TYPE = {"ia3": "IA3", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING", "prefix_tuning": "PREFIX_TUNING"}
 CASES = [(m, n) for m in PEFT_CONFIGS for n in ("llama", "gpt2", "bert")]
+SHIFTING = ("prompt_tuning", "p_tuning", "prefix_tuning")  # methods with a shift_positions option
 
 
 @pytest.mark.parametrize("method,model_name", CASES)
@@ -99,7 +100,7 @@ def test_peftkit_reads_peft(method, model_name, tmp_path):
 @pytest.mark.parametrize("method,model_name", CASES)
 def test_peft_reads_peftkit(method, model_name, tmp_path):
     options = dict(OURS[method])
-    if method == "prefix_tuning" and model_name == "bert":
+    if method in SHIFTING and model_name == "bert":
         options["shift_positions"] = True  # encoders default to unshifted positions, which PEFT cannot express
     tuned = peftkit.attach(BUILDERS[model_name](), peftkit.config(method, **options))
     randomize(tuned.trainable_parameters(), seed=1)
@@ -146,11 +147,13 @@ def test_generate_from_peft_file_matches_peft_forward(method, tmp_path):
     assert torch.equal(got, expected)
 
 
-def test_unshifted_encoder_prefix_refuses_the_peft_format(tmp_path):
-    """On BERT the default prefix keeps [CLS] at position 0; PEFT always shifts, so writing it is refused."""
-    tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config("prefix_tuning", **OURS["prefix_tuning"]))
+@pytest.mark.parametrize("method", SHIFTING)
+def test_unshifted_encoder_adapter_refuses_the_peft_format(method, tmp_path):
+    """Real tokens kept at their own positions (prefix_tuning's and p_tuning's default on BERT): PEFT
+    always shifts them, so writing the PEFT format is refused."""
+    tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config(method, **OURS[method], shift_positions=False))
     with pytest.raises(peftkit.ConfigError, match="shift_positions=True"):
         tuned.save(tmp_path / "hf", format="hf-peft")
     assert not (tmp_path / "hf").exists()
     tuned.save(tmp_path / "ours")  # its own format keeps it
-    assert peftkit.load(BUILDERS["bert"](), tmp_path / "ours").config_of("default").method == "prefix_tuning"
+    assert peftkit.load(BUILDERS["bert"](), tmp_path / "ours").config_of("default").method == method

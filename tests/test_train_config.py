@@ -94,6 +94,9 @@ def test_method_recommended_learning_rate_is_the_default_and_flags_win():
     assert TrainConfig(method="lora").resolved().lr == 1e-3  # no recommendation: the task default
     assert TrainConfig(method="lora", task="instruction").resolved().lr == 2e-3
     assert TrainConfig(method="ia3", task="instruction").resolved().lr == 1e-2  # the method's rate first
+    assert TrainConfig().resolved().head_lr is None  # LoRA: the head trains at lr
+    assert TrainConfig(method="prefix_tuning").resolved().head_lr == peftkit_registry.recommended_head_lr("prefix_tuning")
+    assert TrainConfig(method="prefix_tuning", head_lr=3e-3).resolved().head_lr == 3e-3
 
 
 def test_evaluation_batch_defaults_by_task():

@@ -9,7 +9,8 @@ Only P is saved; a loaded P is stored directly. Masks, labels and `generate()` a
 
 Placement: the model's input embeddings. Init: E ~ N(0, 1), encoder default init (PEFT's).
 Defaults: k = 20, encoder = mlp, h = d. Not mergeable.
-Trainer default learning rate 1e-2 (soft tokens need far larger steps than weights); the task head trains at it too.
+Trainer defaults: the encoder at 3e-3, a new task head at 1e-2 (soft tokens need larger steps than
+weights, the encoder MLP no larger than that).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ...core.config import MethodConfig, check
 from ...core.registry import Attachment, MethodSpec, register
 from .p_tuning_hf import P_TUNING_CODEC
 from .table import LearnedTable
-from .virtual_tokens import VirtualTokens, input_embeddings, placeholder_id
+from .virtual_tokens import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
 
 ENCODERS = ("mlp", "lstm")
 
@@ -35,6 +36,7 @@ class PTuningConfig(MethodConfig):
 
     method = "p_tuning"
     num_virtual_tokens: int = 20
+    shift_positions: bool | None = None  # None: True on decoders, False on encoders (virtual_tokens.py)
     encoder: str = "mlp"
     encoder_hidden: int | None = None
 
@@ -73,7 +75,8 @@ def build(model: nn.Module, config: PTuningConfig) -> Attachment:
     encoder = prompt_encoder(config.encoder, dim, config.encoder_hidden or dim, **kw)
     table = LearnedTable(torch.randn(config.num_virtual_tokens, dim, **kw), encoder)
     attachment = Attachment()
-    attachment.model_deltas["prompt"] = VirtualTokens(table, placeholder_id(model))
+    shift = shifts_positions(model, config.shift_positions)
+    attachment.model_deltas["prompt"] = VirtualTokens(table, placeholder_id(model), shift)
     return attachment
 
 
@@ -84,5 +87,8 @@ register(MethodSpec(
     build=build,
     summary="Virtual tokens produced by a trainable prompt encoder (MLP or LSTM); only the tokens are saved.",
     hf=P_TUNING_CODEC,
-    lr=1e-2,
+    # MiniLM + Rotten Tomatoes, one epoch: the encoder at 3e-3 with the task head at 1e-2 gives 0.741;
+    # everything at 1e-2 0.706, at 1e-3 (head 1e-2) 0.708
+    lr=3e-3,
+    head_lr=1e-2,
 ))

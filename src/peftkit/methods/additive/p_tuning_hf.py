@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from ...core.registry import HfCodec
-from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, the_table
+from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, require_shifted, the_table
 
 
 def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    require_shifted(config, model)
     table = the_table(state, "prompt")
     hf = common_fields("P_TUNING", table, model)
     hf.update({
@@ -32,7 +33,7 @@ def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Modu
     encoder = str(hf.get("encoder_reparameterization_type") or "MLP").lower()
     config = make_config("p_tuning", num_virtual_tokens=int(table.shape[0]),
                          encoder=encoder if encoder in ("mlp", "lstm") else "mlp",
-                         encoder_hidden=hf.get("encoder_hidden_size"), trainable_modules=None)
+                         encoder_hidden=hf.get("encoder_hidden_size"), shift_positions=True, trainable_modules=None)
     return config, {"__model__.prompt.values": table}
 
 

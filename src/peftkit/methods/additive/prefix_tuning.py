@@ -37,7 +37,7 @@ from ...core.select import parse_layers
 from . import kv_prefix
 from .prefix_tuning_hf import PREFIX_CODEC
 from .table import LearnedTable
-from .virtual_tokens import cache_length
+from .virtual_tokens import cache_length, shifts_positions
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def build(model: nn.Module, config: PrefixTuningConfig) -> Attachment:
     else:
         table = LearnedTable(torch.randn(n, 2 * len(names) * dim, **kw))
     attachment = Attachment()
-    shift = config.shift_positions if config.shift_positions is not None else arch.causal_attention(model)
+    shift = shifts_positions(model, config.shift_positions)
     attachment.model_deltas["prefix"] = KeyValuePrefix(table, names, kv_heads, head_dim, shift)
     return attachment
 

@@ -16,7 +16,7 @@ from torch import nn
 from ...core import arch
 from ...core.errors import ConfigError
 from ...core.registry import HfCodec
-from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, the_table
+from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, require_shifted, the_table
 
 
 def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -26,11 +26,7 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
     if table.shape[1] != 2 * blocks * kv_heads * head_dim:
         raise ConfigError("a prefix on a subset of layers has no PEFT equivalent (PEFT prefixes every layer); "
                           "save it with format='peftkit'.")
-    shift = config.shift_positions if config.shift_positions is not None else arch.causal_attention(model)
-    if not shift:
-        raise ConfigError("PEFT always starts real tokens after the prefix, but this prefix keeps them at their own "
-                          "positions (shift_positions=False, the default on bidirectional encoders such as BERT). "
-                          "Save it with format='peftkit', or train it with shift_positions=True for a PEFT file.")
+    require_shifted(config, model)
     hf = common_fields("PREFIX_TUNING", table, model)
     hf.update({
         "num_layers": blocks,

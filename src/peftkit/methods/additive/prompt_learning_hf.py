@@ -18,6 +18,16 @@ KEY = "prompt_embeddings"
 MODULE_PREFIX = "base_model."
 
 
+def require_shifted(config: Any, model: nn.Module) -> None:
+    """PEFT always puts the real tokens after the virtual ones / the prefix; refuse what it cannot express."""
+    from .virtual_tokens import shifts_positions
+
+    if not shifts_positions(model, config.shift_positions):
+        raise ConfigError(f"PEFT always starts the real tokens after the {config.method} tokens, but this adapter keeps "
+                          "their own positions (shift_positions=False, the default on bidirectional encoders such as "
+                          "BERT). Save it with format='peftkit', or train it with shift_positions=True for a PEFT file.")
+
+
 def model_config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
     return config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config

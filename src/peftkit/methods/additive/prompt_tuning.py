@@ -25,7 +25,7 @@ from ...core.errors import ConfigError
 from ...core.registry import Attachment, MethodSpec, register
 from .prompt_tuning_hf import PROMPT_CODEC
 from .table import LearnedTable
-from .virtual_tokens import VirtualTokens, input_embeddings, placeholder_id
+from .virtual_tokens import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
 
 INITS = ("vocabulary", "random", "text")
 
@@ -36,6 +36,9 @@ class PromptTuningConfig(MethodConfig):
 
     method = "prompt_tuning"
     num_virtual_tokens: int = 20
+    # True: real tokens after the prompt on every model, as PEFT (MiniLM + Rotten Tomatoes, one epoch:
+    # 0.751 shifted, 0.685 unshifted); None: unshifted on encoders, as p_tuning (virtual_tokens.py)
+    shift_positions: bool | None = True
     init: str = "vocabulary"
     init_text: str | None = None
     tokenizer: str | None = None
@@ -80,7 +83,8 @@ def initial_prompt(model: nn.Module, config: PromptTuningConfig, k: int) -> torc
 def build(model: nn.Module, config: PromptTuningConfig) -> Attachment:
     table = LearnedTable(initial_prompt(model, config, config.num_virtual_tokens))
     attachment = Attachment()
-    attachment.model_deltas["prompt"] = VirtualTokens(table, placeholder_id(model))
+    shift = shifts_positions(model, config.shift_positions)
+    attachment.model_deltas["prompt"] = VirtualTokens(table, placeholder_id(model), shift)
     return attachment
 
 

@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from ...core.registry import HfCodec
-from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, the_table
+from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, require_shifted, the_table
 
 _INIT_TO_HF = {"random": "RANDOM", "vocabulary": "SAMPLE_VOCAB", "text": "TEXT"}
 
 
 def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    require_shifted(config, model)
     table = the_table(state, "prompt")
     hf = common_fields("PROMPT_TUNING", table, model)
     hf.update({
@@ -33,7 +34,7 @@ def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Modu
     table = read_table(hf, tensors)
     # The init only matters before training; a TEXT init is not replayed (it would need the tokenizer).
     init = "random" if hf.get("prompt_tuning_init") == "RANDOM" else "vocabulary"
-    config = make_config("prompt_tuning", num_virtual_tokens=int(table.shape[0]), init=init, trainable_modules=None)
+    config = make_config("prompt_tuning", num_virtual_tokens=int(table.shape[0]), init=init, shift_positions=True, trainable_modules=None)
     return config, {"__model__.prompt.values": table}
 
 

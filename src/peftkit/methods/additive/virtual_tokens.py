@@ -5,8 +5,14 @@ forward call with k virtual tokens and L real ones:
 
     inputs_embeds  = [prompt (k) | embed(input_ids) (L)]
     attention_mask = [1 … 1 | mask];  token_type_ids = [0 … 0 | ids]
-    position_ids   = [0 … k-1 | position_ids + k]   (only when given)
+    position_ids   = [0 … k-1 | position_ids + k]   (when given; decoders)
+                   = [0 … 0   | position_ids]       (always; encoders, see below)
     labels         = [-100 … | labels]              (token-level labels only)
+
+Decoders shift the real tokens' positions by k, as PEFT does (the prompt reads as text before the
+input). Bidirectional encoders keep them, so BERT's [CLS] stays at the position it was pre-trained
+at; a virtual token's own position embedding is a constant its learned vector absorbs
+(``shift_positions``; MiniLM + Rotten Tomatoes, one epoch of P-tuning: 0.747 unshifted, 0.706 shifted).
 
 Outputs of length k + L (logits, hidden states) are cut back to the L real positions. When the
 call continues from a cache that already holds the virtual tokens, nothing is injected again.
@@ -17,12 +23,14 @@ are removed from the returned sequences.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...core import arch
 from ...core.delta import ModelDelta
 from ...core.errors import ConfigError
 from .table import LearnedTable
@@ -35,6 +43,12 @@ def cache_length(kwargs: dict[str, Any]) -> int:
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     getter = getattr(cache, "get_seq_length", None)
     return int(getter()) if callable(getter) else 0
+
+
+def shifts_positions(model: nn.Module, setting: bool | None) -> bool:
+    """A method's ``shift_positions`` option resolved: None means shift on decoders (causal
+    attention) and keep the real tokens' positions on bidirectional encoders."""
+    return arch.causal_attention(model) if setting is None else bool(setting)
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:
@@ -77,10 +91,11 @@ class VirtualTokens(ModelDelta):
 
     form = "input"
 
-    def __init__(self, table: LearnedTable, placeholder_id: int) -> None:
+    def __init__(self, table: LearnedTable, placeholder_id: int, shift_positions: bool = True) -> None:
         super().__init__()
         self.table = table
         self.placeholder_id = placeholder_id
+        self.shift_positions = shift_positions
         self.num_tokens = int(table.export().shape[0])
         self._lengths: list[int] = []  # sequence length after each pending prepare (for finish)
         self._generated: list[int] = []
@@ -106,10 +121,17 @@ class VirtualTokens(ModelDelta):
         kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = _prefixed(kwargs["token_type_ids"], k, 0)
-        if kwargs.get("position_ids") is not None:
-            pos = kwargs["position_ids"]
+        pos = kwargs.get("position_ids")
+        if pos is None and not self.shift_positions:
+            if "position_ids" not in inspect.signature(model.forward).parameters:
+                raise ConfigError(f"{type(model).__name__}.forward takes no position_ids, so the real tokens cannot "
+                                  "keep their positions; set shift_positions=True.")
+            pos = torch.arange(length, device=embeds.device).expand(batch, -1)
+        if pos is not None and self.shift_positions:
             head = torch.arange(k, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], k)
             kwargs["position_ids"] = torch.cat([head, pos + k], dim=-1)
+        elif pos is not None:
+            kwargs["position_ids"] = torch.cat([torch.zeros_like(pos[..., :1]).expand(*pos.shape[:-1], k), pos], dim=-1)
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
             kwargs["labels"] = _prefixed(labels, k, IGNORE_INDEX)
@@ -150,6 +172,9 @@ class VirtualTokens(ModelDelta):
         return outputs
 
     def prepare_generate(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not self.shift_positions:
+            raise ConfigError("generate() continues positions after the virtual tokens; attach with "
+                              "shift_positions=True (the default on decoders) to generate.")
         mask = kwargs.get("attention_mask")
         kwargs, ids = self._inject(model, kwargs)
         embeds = kwargs["inputs_embeds"]
