@@ -3,12 +3,15 @@
 batch size, steps, max length, evaluation before and after, adapter saved at the end).
 
     .venv/bin/python benchmarks/train_e2e.py [--repeats 1] [--max-steps N] [--threads N] [--hf-group-by-length]
+                                             [--peftkit-random-batches]
 
 Each side runs as a fresh process (imports, model load, tokenisation, eval before, training,
 eval after, saving: the whole job), alternating peftkit / HF, and the wall times are compared as
 a ratio (peftkit / HF; < 1 is faster) with the held-out accuracy of both. Both sides get the
 same torch thread count. The HF script uses dynamic padding (DataCollatorWithPadding), as the
-usual Trainer recipe does; ``--hf-group-by-length`` also gives it length-grouped batches.
+usual Trainer recipe does; ``--hf-group-by-length`` also gives it length-grouped batches, and
+``--peftkit-random-batches`` takes them away from peftkit (``--no-group-by-length``), so both sides
+can be compared with the same batching either way.
 """
 
 from __future__ import annotations
@@ -99,12 +102,14 @@ def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool)
             "steps": trainer.state.global_step, "job_seconds": time.perf_counter() - start}
 
 
-def run_side(side: str, threads: int, max_steps: int | None, group_by_length: bool) -> tuple[float, dict]:
+def run_side(side: str, threads: int, max_steps: int | None, group_by_length: bool,
+             random_batches: bool = False) -> tuple[float, dict]:
     out = tempfile.mkdtemp(prefix=f"e2e-{side}-")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if side == "peftkit":
         cmd = [sys.executable, "-m", "peftkit", "train", "--out", out, "--threads", str(threads), "--no-progress",
                "--json"] + (["--max-steps", str(max_steps)] if max_steps else [])
+        cmd += ["--no-group-by-length"] if random_batches else []
     else:
         cmd = [sys.executable, __file__, "--side", "hf", "--out", out, "--threads", str(threads)]
         cmd += (["--max-steps", str(max_steps)] if max_steps else []) + (["--hf-group-by-length"] if group_by_length else [])
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="shorter runs (default: the full epoch)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--hf-group-by-length", action="store_true")
+    parser.add_argument("--peftkit-random-batches", action="store_true", help="peftkit without length grouping")
     parser.add_argument("--side", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,7 +138,8 @@ def main() -> None:
     for i in range(args.repeats):
         order = ("peftkit", "hf") if i % 2 == 0 else ("hf", "peftkit")
         for side in order:
-            wall, result = run_side(side, args.threads, args.max_steps, args.hf_group_by_length)
+            wall, result = run_side(side, args.threads, args.max_steps, args.hf_group_by_length,
+                                    args.peftkit_random_batches)
             runs[side].append((wall, result))
             print(json.dumps({"side": side, "wall_s": round(wall, 1), "train_s": round(result["train_seconds"], 1),
                               "steps": result["steps"], "accuracy": round(result["metrics"]["accuracy"], 4)}),
@@ -147,6 +154,7 @@ def main() -> None:
         "train_s": {k: round(v, 1) for k, v in trains.items()},
         "accuracy": {k: round(v, 4) for k, v in accs.items()},
         "threads": args.threads, "repeats": args.repeats, "hf_group_by_length": args.hf_group_by_length,
+        "peftkit_random_batches": args.peftkit_random_batches,
         "load_average": os.getloadavg()[0],
     }))
 
