@@ -159,7 +159,7 @@ def test_head_lr_puts_the_task_head_in_its_own_group(bert_dir) -> None:
     one = param_groups(tuned, params, "default", TrainConfig(lr=1e-3).resolved())
     assert len(one) == 1 and len(one[0]["params"]) == len(params)
     two = param_groups(tuned, params, "default", TrainConfig(lr=1e-3, head_lr=1e-2).resolved())
-    assert [g["peak_lr"] for g in two] == [1e-3, 1e-2]
+    assert [g["lr"] for g in two] == [1e-3, 1e-2]
     assert {id(p) for p in two[1]["params"]} == {id(p) for p in head}
     assert len(two[0]["params"]) + len(two[1]["params"]) == len(params)
 
@@ -175,3 +175,15 @@ def test_head_lr_trains_the_head_faster(tmp_path, bert_dir, sentiment_csv) -> No
         return float((weight.float() - start).abs().sum())
 
     assert head_change(tmp_path / "b", head_lr=1e-1) > 10 * head_change(tmp_path / "a")
+
+
+def test_resume_with_another_head_group_is_a_clear_error(tmp_path, bert_dir, sentiment_csv, monkeypatch) -> None:
+    opts = dict(max_steps=6, method_options={"r": 4})
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run(tmp_path / "r", bert_dir, sentiment_csv, **opts)
+    monkeypatch.undo()
+    before = (tmp_path / "r" / "checkpoint" / "adapter.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="--head-lr"):
+        run(tmp_path / "r", bert_dir, sentiment_csv, resume="auto", head_lr=5e-2, **opts)
+    assert (tmp_path / "r" / "checkpoint" / "adapter.safetensors").read_bytes() == before

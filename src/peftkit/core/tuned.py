@@ -446,9 +446,8 @@ class TunedModel(nn.Module):
 
     def head_parameters(self, name: str = "default") -> list[nn.Parameter]:
         """The trainable parameters of adapter `name`'s copy of the task head (e.g. ``classifier``)."""
-        heads = set(head_names(self.model))
-        return [p for prefix, delta in self.deltas(name)
-                if prefix.rpartition(".")[2] == COPY_SLOT and prefix.rpartition(".")[0] in heads
+        heads = {f"{site}.{COPY_SLOT}" for site in head_names(self.model)}
+        return [p for prefix, delta in self.deltas(name) if prefix in heads
                 for p in delta.trainable_parameters() if p.requires_grad]
 
     def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:

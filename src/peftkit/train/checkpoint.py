@@ -152,7 +152,11 @@ def restore(folder: Path, doc: dict[str, Any], tuned: Any, adapter: str, optimiz
     except Exception as err:
         raise CheckpointError(f"checkpoint {folder} is damaged ({err}); resume from another one or start again.") from None
     device = next((p.device for p in tuned.trainable_parameters()), torch.device("cpu"))
-    optimizer.load_state_dict(_join_optimizer({k: v.to(device) for k, v in opt_tensors.items()}, doc["optimizer"]))
+    try:
+        optimizer.load_state_dict(_join_optimizer({k: v.to(device) for k, v in opt_tensors.items()}, doc["optimizer"]))
+    except ValueError as err:  # e.g. a task-head group (--head-lr) that the checkpoint's run did not have
+        raise CheckpointError(f"the optimizer state in {folder} does not fit this run ({err}); resume with the "
+                              "same --lr / --head-lr settings, or start a new run with another --out.") from None
     torch.set_rng_state(rng["torch"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
     if cuda and torch.cuda.is_available():

@@ -103,17 +103,17 @@ def _stop_signals(flag: list[bool]) -> Iterator[None]:
 
 
 def param_groups(tuned: Any, params: list[nn.Parameter], adapter: str, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: the task head at ``cfg.head_lr`` when set, everything else at ``cfg.lr``.
+    """AdamW groups, each with its peak ``lr``: the task head at ``cfg.head_lr`` when that differs,
+    everything else at ``cfg.lr``.
 
     A fresh head on frozen features can need a higher rate than the adapter under it: methods that
     leave the features almost unchanged at init (prefixes, soft prompts) otherwise wait on the head.
     """
     head_ids = set()
-    if cfg.head_lr is not None and cfg.head_lr != cfg.lr and hasattr(tuned, "head_parameters"):
+    if cfg.head_lr is not None and cfg.head_lr != cfg.lr:
         head_ids = {id(p) for p in tuned.head_parameters(adapter)}
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg.lr, "peak_lr": cfg.lr}]
-    if head_ids:
-        groups.append({"params": [p for p in params if id(p) in head_ids], "lr": cfg.head_lr, "peak_lr": cfg.head_lr})
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg.lr},
+              {"params": [p for p in params if id(p) in head_ids], "lr": cfg.head_lr}]
     return [g for g in groups if g["params"]]
 
 
@@ -133,7 +133,9 @@ class Trainer:
         if not params:
             raise PeftkitError("the model has no trainable parameters; attach an adapter first.")
         self.params = params
-        self.optimizer = torch.optim.AdamW(param_groups(tuned, params, adapter, cfg), weight_decay=cfg.weight_decay)
+        groups = param_groups(tuned, params, adapter, cfg)
+        self.peak_lrs = [g["lr"] for g in groups]  # from the config, so a resumed run follows its flags
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.model = wrap(tuned, self.dist)
         self.pieces = cfg.grad_accum * self.dist.world
         self.global_batch = cfg.batch_size * self.pieces
@@ -228,8 +230,8 @@ class Trainer:
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         factor = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
+            group["lr"] = peak * factor
         self.optimizer.step()
         self.tuned.update(step)
         self.optimizer.zero_grad(set_to_none=True)

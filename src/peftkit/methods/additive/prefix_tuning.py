@@ -37,7 +37,7 @@ from ...core.select import parse_layers
 from . import kv_prefix
 from .prefix_tuning_hf import PREFIX_CODEC
 from .table import LearnedTable
-from .virtual_tokens import cache_length, shifts_positions
+from .virtual_tokens import cache_length, require_position_ids, shifts_positions
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,7 @@ class KeyValuePrefix(ModelDelta):
     def _shifted(self, model: nn.Module, kwargs: dict[str, Any], positions: torch.Tensor | None) -> dict[str, Any]:
         if not self.shift_positions:
             return kwargs
-        if "position_ids" not in inspect.signature(model.forward).parameters:
-            raise ConfigError(f"{type(model).__name__}.forward takes no position_ids, so real tokens cannot start "
-                              "after the prefix; set shift_positions=False.")
+        require_position_ids(model)
         if positions is None:
             embeds = kwargs.get("inputs_embeds")
             ids = kwargs.get("input_ids") if embeds is None else embeds[..., 0]

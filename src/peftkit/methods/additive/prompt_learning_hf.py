@@ -24,8 +24,8 @@ def require_shifted(config: Any, model: nn.Module) -> None:
 
     if not shifts_positions(model, config.shift_positions):
         raise ConfigError(f"PEFT always starts the real tokens after the {config.method} tokens, but this adapter keeps "
-                          "their own positions (shift_positions=False, the default on bidirectional encoders such as "
-                          "BERT). Save it with format='peftkit', or train it with shift_positions=True for a PEFT file.")
+                          "their own positions (shift_positions=False; None means False on bidirectional encoders such "
+                          "as BERT). Save it with format='peftkit', or train it with shift_positions=True for a PEFT file.")
 
 
 def model_config(model: nn.Module) -> Any:

@@ -5,14 +5,15 @@ forward call with k virtual tokens and L real ones:
 
     inputs_embeds  = [prompt (k) | embed(input_ids) (L)]
     attention_mask = [1 … 1 | mask];  token_type_ids = [0 … 0 | ids]
-    position_ids   = [0 … k-1 | position_ids + k]   (when given; decoders)
-                   = [0 … 0   | position_ids]       (always; encoders, see below)
+    position_ids   = [0 … k-1 | position_ids + k]   (shifted; only when given)
+                   = [0 … 0   | position_ids]       (unshifted; made when not given)
     labels         = [-100 … | labels]              (token-level labels only)
 
-Decoders shift the real tokens' positions by k, as PEFT does (the prompt reads as text before the
-input). Bidirectional encoders keep them, so BERT's [CLS] stays at the position it was pre-trained
-at; a virtual token's own position embedding is a constant its learned vector absorbs
-(``shift_positions``; MiniLM + Rotten Tomatoes, one epoch of P-tuning: 0.747 unshifted, 0.706 shifted).
+Shifted (``shift_positions=True``, PEFT's layout, the default on decoders): the prompt reads as text
+before the input. Unshifted (the default on bidirectional encoders where a method's option is None):
+the real tokens keep their positions, so BERT's [CLS] stays where it was pre-trained, and a virtual
+token's own position embedding is a constant its learned vector absorbs (MiniLM + Rotten Tomatoes,
+one epoch of P-tuning: 0.747 unshifted, 0.706 shifted).
 
 Outputs of length k + L (logits, hidden states) are cut back to the L real positions. When the
 call continues from a cache that already holds the virtual tokens, nothing is injected again.
@@ -49,6 +50,13 @@ def shifts_positions(model: nn.Module, setting: bool | None) -> bool:
     """A method's ``shift_positions`` option resolved: None means shift on decoders (causal
     attention) and keep the real tokens' positions on bidirectional encoders."""
     return arch.causal_attention(model) if setting is None else bool(setting)
+
+
+def require_position_ids(model: nn.Module) -> None:
+    """Raise unless `model.forward` takes ``position_ids`` (needed to place the real tokens)."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ConfigError(f"{type(model).__name__}.forward takes no position_ids, so peftkit cannot place the real "
+                          "tokens around the virtual ones; set shift_positions to the other value.")
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:
@@ -122,16 +130,13 @@ class VirtualTokens(ModelDelta):
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = _prefixed(kwargs["token_type_ids"], k, 0)
         pos = kwargs.get("position_ids")
-        if pos is None and not self.shift_positions:
-            if "position_ids" not in inspect.signature(model.forward).parameters:
-                raise ConfigError(f"{type(model).__name__}.forward takes no position_ids, so the real tokens cannot "
-                                  "keep their positions; set shift_positions=True.")
+        if pos is None and not self.shift_positions:  # the model's own numbering would shift them
+            require_position_ids(model)
             pos = torch.arange(length, device=embeds.device).expand(batch, -1)
-        if pos is not None and self.shift_positions:
-            head = torch.arange(k, device=pos.device, dtype=pos.dtype).expand(*pos.shape[:-1], k)
-            kwargs["position_ids"] = torch.cat([head, pos + k], dim=-1)
-        elif pos is not None:
-            kwargs["position_ids"] = torch.cat([torch.zeros_like(pos[..., :1]).expand(*pos.shape[:-1], k), pos], dim=-1)
+        if pos is not None:
+            head = torch.arange(k, device=pos.device, dtype=pos.dtype) * int(self.shift_positions)
+            real = pos + k if self.shift_positions else pos
+            kwargs["position_ids"] = torch.cat([head.expand(*pos.shape[:-1], k), real], dim=-1)
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and labels.shape[1] == length:
             kwargs["labels"] = _prefixed(labels, k, IGNORE_INDEX)
