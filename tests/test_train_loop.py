@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_train_support import *  # noqa: F403
-from test_train_support import adapter_tensors
+from test_train_support import adapter_tensors, save_tiny_bert
 
 import peftkit
 from peftkit.train.checkpoint import CheckpointError
@@ -49,6 +49,17 @@ def test_trains_saves_and_reloads(tmp_path, bert_dir, sentiment_csv) -> None:
     again = evaluate(tuned, prep.eval, "classification", num_labels=2, pad_id=tok.pad_token_id)
     assert again["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
     assert again["loss"] == pytest.approx(result["metrics"]["loss"], rel=1e-5)
+
+
+def test_seed_covers_a_new_task_head(tmp_path, sentiment_csv) -> None:
+    encoder = save_tiny_bert(tmp_path / "encoder", head=False)  # the classifier is created while loading
+    opts = dict(max_steps=2, eval_fraction=0.25)
+    runs = {name: run(tmp_path / name, encoder, sentiment_csv, seed=seed, **opts) for name, seed in
+            [("a", 1), ("b", 1), ("c", 2)]}
+    a, b, c = (adapter_tensors(tmp_path / name / "adapter") for name in runs)
+    heads = [key for key in a if "classifier" in key]
+    assert heads and all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in heads)
 
 
 def _interrupt_at(monkeypatch, step: int) -> None:

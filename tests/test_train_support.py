@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -44,12 +45,13 @@ def _tokenizer(cls_sep: bool) -> PreTrainedTokenizerFast:
                                    eos_token="</s>")
 
 
-def save_tiny_bert(folder: Path) -> Path:
+def save_tiny_bert(folder: Path, head: bool = True) -> Path:
+    """A tiny BERT classifier; `head=False` saves the bare encoder (as sentence-transformers models ship)."""
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, pad_token_id=0)
-    BertForSequenceClassification(cfg).save_pretrained(folder)
+    (BertForSequenceClassification(cfg) if head else BertModel(cfg)).save_pretrained(folder)
     _tokenizer(cls_sep=True).save_pretrained(folder)
     return folder
 

@@ -136,6 +136,7 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
     prepared = data_mod.prepare(cfg, tok, job.task, job.source, job.eval_source)
     if cfg.num_labels is not None and prepared.num_labels is not None:
         prepared.num_labels = max(prepared.num_labels, cfg.num_labels)
+    torch.manual_seed(cfg.seed)  # a new task head is initialised while loading: --seed must cover it
     model = _load_model(job, prepared.num_labels, tok.pad_token_id)
     import peftkit
 
