@@ -69,7 +69,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--resume", nargs="?", const="auto", help="continue from <out>/checkpoint, or from the folder given")
     a("--no-eval-before", dest="eval_before", action="store_false", help="skip the evaluation before training")
     a("--gradient-checkpointing", action="store_true")
-    a("--no-group-by-length", dest="group_by_length", action="store_false")
+    a("--no-group-by-length", dest="group_by_length", action="store_false",
+      help="random batches (default: each batch from a length-sorted pool of 4, less padding)")
     a("--threads", type=int, help="torch CPU threads")
     a("--tensorboard", action="store_true", help="also log to <out>/tensorboard")
     a("--no-progress", dest="progress", action="store_false")
