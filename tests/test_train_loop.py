@@ -25,14 +25,15 @@ def run(out: Path, model: Path, data: Path, **options) -> dict:
 
 
 def test_trains_saves_and_reloads(tmp_path, bert_dir, sentiment_csv) -> None:
-    result = run(tmp_path / "r", bert_dir, sentiment_csv, max_steps=40, lr=2e-2,
+    # 80 steps at 5e-3 learn the toy task on seeds 1-4 (40 steps at 2e-2 fail on some batch orders)
+    result = run(tmp_path / "r", bert_dir, sentiment_csv, max_steps=80, lr=5e-3,
                  method_options={"targets": "all-linear"})
     out = tmp_path / "r"
     assert result["metrics"]["loss"] < result["metrics_before"]["loss"]
     assert result["trainable_params"] > 0 and result["adapter_bytes"] > 0 and result["train_seconds"] > 0
     assert {"adapter", "checkpoint", "run.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
     meta = json.loads((out / "run.json").read_text())
-    assert meta["data"]["eval_examples"] > 0 and meta["data"]["eval_digest"] and meta["result"]["steps"] == 40
+    assert meta["data"]["eval_examples"] > 0 and meta["data"]["eval_digest"] and meta["result"]["steps"] == 80
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval" in r for r in logged) and any("tokens_per_s" in r for r in logged)
     # the saved adapter reproduces the run's held-out numbers on a fresh base
@@ -97,6 +98,8 @@ def test_resume_refuses_other_settings(tmp_path, bert_dir, sentiment_csv) -> Non
     run(tmp_path / "a", bert_dir, sentiment_csv, max_steps=2)
     with pytest.raises(CheckpointError, match="different run.*seed"):
         run(tmp_path / "a", bert_dir, sentiment_csv, max_steps=4, seed=7, resume="auto")
+    with pytest.raises(CheckpointError, match="different run.*batch_order"):  # another order would repeat examples
+        run(tmp_path / "a", bert_dir, sentiment_csv, max_steps=4, group_by_length=False, resume="auto")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         run(tmp_path / "new", bert_dir, sentiment_csv, resume="auto")
 
@@ -185,7 +188,8 @@ def test_head_lr_trains_the_head_faster(tmp_path, bert_dir, sentiment_csv) -> No
         (weight,) = [v for k, v in adapter_tensors(out / "adapter").items() if "classifier" in k and "weight" in k]
         return float((weight.float() - start).abs().sum())
 
-    assert head_change(tmp_path / "b", head_lr=1e-1) > 10 * head_change(tmp_path / "a")
+    # without head_lr the head would take prefix_tuning's recommended 1e-2, so set both rates
+    assert head_change(tmp_path / "b", head_lr=1e-1) > 10 * head_change(tmp_path / "a", head_lr=1e-4)
 
 
 def test_resume_with_another_head_group_is_a_clear_error(tmp_path, bert_dir, sentiment_csv, monkeypatch) -> None:

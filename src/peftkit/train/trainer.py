@@ -29,6 +29,7 @@ from torch import nn
 from ..core.errors import PeftkitError
 from . import checkpoint as ckpt
 from .batches import (
+    POOL_BATCHES,
     answer_logits_only,
     collate,
     epoch_batches,
@@ -159,7 +160,8 @@ class Trainer:
         c = self.cfg
         return {"model": c.model, "data": c.data, "task": self.data.task, "method": c.method,
                 "method_options": c.method_options, "seed": c.seed, "global_batch": self.global_batch,
-                "train_examples": len(self.data.train), "quantize": c.quantize}
+                "train_examples": len(self.data.train), "quantize": c.quantize,
+                "batch_order": f"length-sorted pools of {POOL_BATCHES}" if c.group_by_length else "random"}
 
     def save_checkpoint(self, folder: Path | None = None) -> Path:
         folder = folder or self.out / "checkpoint"
