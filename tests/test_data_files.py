@@ -10,7 +10,7 @@ from test_train_support import *  # noqa: F403
 from test_train_support import VOCAB, chat_rows, sentiment_rows, write_csv, write_jsonl
 
 from peftkit.train import cache, files
-from peftkit.train.batches import collate, epoch_batches, micro_batches
+from peftkit.train.batches import collate, epoch_batches, micro_batches, pool_batches
 from peftkit.train.config import TrainConfig
 from peftkit.train.data import IGNORE, Source, label_ids, load_source, prepare
 from peftkit.train.files import DataError
@@ -155,6 +155,8 @@ def test_epoch_batches_deterministic_and_complete() -> None:
     plain = epoch_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
     plain_pad = sum(len(b) * max(lengths[b].tolist()) for b in plain)
     assert grouped_pad < plain_pad
+    whole = epoch_batches(lengths, 8, seed=1, epoch=0, pool=pool_batches(per_token=True))  # one pool here
+    assert sum(len(b) * max(lengths[b].tolist()) for b in whole) <= grouped_pad
     assert [len(p) for p in micro_batches(list(range(7)), 3)] == [3, 2, 2]
     assert all(len(b) >= 4 for b in epoch_batches(lengths, 8, seed=1, epoch=0, min_size=4))
 

@@ -3,7 +3,7 @@
 The order of an epoch is a pure function of (seed, epoch, global batch size), so a resumed run
 sees exactly the batches it would have seen, and N data-parallel processes see the same global
 batches as one process (each takes its slice). With `group_by_length`, examples are shuffled,
-cut into pools of `POOL_BATCHES` global batches, sorted by length inside each pool, and the batches
+cut into pools of `pool` global batches (`pool_batches`), sorted by length inside each pool, and the batches
 are shuffled again: less padding, still random.
 """
 
@@ -19,8 +19,14 @@ from .data import IGNORE, Encoded
 # still mix lengths. MiniLM + Rotten Tomatoes, one epoch, seeds 0-2, against transformers.Trainer on
 # random batches (0.8213 mean accuracy; benchmarks/train_e2e.py): pools of 50, as transformers'
 # megabatches, pad to 1.03x the real tokens and reached 0.8190; pools of 4 pad to 1.27x (random
-# batches: 1.92x) and reached 0.8209 at 0.63x the Trainer's wall time.
-POOL_BATCHES = 4
+# batches: 1.92x) and reached 0.8209 at 0.63x the Trainer's wall time. Token-level tasks keep 50:
+# padding costs them most (vocabulary logits), and their measured targets used it.
+POOL_BATCHES = {"sequence": 4, "token": 50}
+
+
+def pool_batches(per_token: bool) -> int:
+    """Global batches per length-sorted pool for data with token-level (or sequence-level) labels."""
+    return POOL_BATCHES["token" if per_token else "sequence"]
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -51,7 +57,8 @@ def answer_logits_only(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def epoch_batches(lengths: torch.Tensor, global_batch: int, seed: int, epoch: int, *,
-                  group_by_length: bool = True, min_size: int = 1) -> list[list[int]]:
+                  group_by_length: bool = True, pool: int = POOL_BATCHES["sequence"],
+                  min_size: int = 1) -> list[list[int]]:
     """Index lists of each global batch of `epoch`; batches smaller than `min_size` are dropped."""
     n = len(lengths)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -60,10 +67,10 @@ def epoch_batches(lengths: torch.Tensor, global_batch: int, seed: int, epoch: in
         batches = [perm[i:i + global_batch] for i in range(0, n, global_batch)]
     else:
         lens = lengths.tolist()
-        pool = global_batch * POOL_BATCHES
+        size = pool * global_batch
         batches = []
-        for start in range(0, n, pool):
-            chunk = sorted(perm[start:start + pool], key=lambda i: -lens[i])
+        for start in range(0, n, size):
+            chunk = sorted(perm[start:start + size], key=lambda i: -lens[i])
             batches.extend(chunk[i:i + global_batch] for i in range(0, len(chunk), global_batch))
         order = torch.randperm(len(batches), generator=gen).tolist()
         batches = [batches[i] for i in order]

@@ -172,9 +172,10 @@ def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id
 
     if not peftkit.needs_calibration(tuned):
         return []
-    from .batches import collate, epoch_batches
+    from .batches import collate, epoch_batches, pool_batches
 
-    order = epoch_batches(prepared.train.lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length)
+    order = epoch_batches(prepared.train.lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length,
+                          pool=pool_batches(prepared.train.per_token))
     batches = [{k: v.to(dist.device) for k, v in collate(prepared.train, index, pad_id).items()}
                for index in order[: cfg.calibration_batches]]
     torch.manual_seed(cfg.seed)

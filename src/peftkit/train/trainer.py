@@ -29,12 +29,12 @@ from torch import nn
 from ..core.errors import PeftkitError
 from . import checkpoint as ckpt
 from .batches import (
-    POOL_BATCHES,
     answer_logits_only,
     collate,
     epoch_batches,
     eval_batches,
     micro_batches,
+    pool_batches,
     trims_logits,
 )
 from .config import TrainConfig
@@ -150,6 +150,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0,
                                       "finished": False, "stopped_early": False}
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.pool = pool_batches(data.train.per_token)
         self.trim_logits = trims_logits(tuned, data.train)
         if n < self.pieces:
             raise PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
@@ -161,7 +162,7 @@ class Trainer:
         return {"model": c.model, "data": c.data, "task": self.data.task, "method": c.method,
                 "method_options": c.method_options, "seed": c.seed, "global_batch": self.global_batch,
                 "train_examples": len(self.data.train), "quantize": c.quantize,
-                "batch_order": f"length-sorted pools of {POOL_BATCHES}" if c.group_by_length else "random"}
+                "batch_order": f"length-sorted pools of {self.pool}" if c.group_by_length else "random"}
 
     def save_checkpoint(self, folder: Path | None = None) -> Path:
         folder = folder or self.out / "checkpoint"
@@ -199,7 +200,8 @@ class Trainer:
         epoch, pos = divmod(step, self.steps_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             batches = epoch_batches(self.data.train.lengths, self.global_batch, self.cfg.seed, epoch,
-                                    group_by_length=self.cfg.group_by_length, min_size=self.pieces)
+                                    group_by_length=self.cfg.group_by_length, pool=self.pool,
+                                    min_size=self.pieces)
             self._epoch_cache = (epoch, batches)
         batches = self._epoch_cache[1]
         return batches[pos % len(batches)]
