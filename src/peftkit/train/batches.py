@@ -1,6 +1,6 @@
 """Batch order and padding.
 
-The order of an epoch is a pure function of (seed, epoch, global batch size), so a resumed run
+The order of an epoch is a pure function of (seed, epoch, global batch size, pool), so a resumed run
 sees exactly the batches it would have seen, and N data-parallel processes see the same global
 batches as one process (each takes its slice). With `group_by_length`, examples are shuffled,
 cut into pools of `pool` global batches (`pool_batches`), sorted by length inside each pool, and the batches

@@ -184,9 +184,10 @@ class Trainer:
         diff = [k for k in mine if doc.get("identity", {}).get(k) != mine[k]]
         if diff:
             k = diff[0]
-            raise ckpt.CheckpointError(f"checkpoint {folder} was written by a different run ({k}: "
-                                       f"{doc['identity'].get(k)!r}, now {mine[k]!r}); resume with the same "
-                                       "settings or start a new run with another --out.")
+            theirs = doc.get("identity", {}).get(k, "not recorded, an older peftkit")
+            raise ckpt.CheckpointError(f"checkpoint {folder} was written by a different run ({k}: {theirs!r}, now "
+                                       f"{mine[k]!r}); resume with the same settings or start a new run with "
+                                       "another --out.")
         controllers = ckpt.restore(folder, doc, self.tuned, self.adapter, self.optimizer)
         for name, state in controllers.items():
             ctl = getattr(self.tuned, "_controllers", {}).get(name)

@@ -37,7 +37,8 @@ class PromptTuningConfig(MethodConfig):
     method = "prompt_tuning"
     num_virtual_tokens: int = 20
     # True: real tokens after the prompt on every model, as PEFT (MiniLM + Rotten Tomatoes, one epoch:
-    # 0.751 shifted, 0.685 unshifted); None: unshifted on encoders, as p_tuning (virtual_tokens.py)
+    # 0.751 shifted, 0.685 unshifted, one run each before the task head's init was seeded, and seeded
+    # head draws alone move this job by ~0.04: not settled); None: unshifted on encoders (virtual_tokens.py)
     shift_positions: bool | None = True
     init: str = "vocabulary"
     init_text: str | None = None

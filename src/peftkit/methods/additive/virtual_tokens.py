@@ -13,7 +13,8 @@ Shifted (``shift_positions=True``, PEFT's layout, the default on decoders): the 
 before the input. Unshifted (the default on bidirectional encoders where a method's option is None):
 the real tokens keep their positions, so BERT's [CLS] stays where it was pre-trained, and a virtual
 token's own position embedding is a constant its learned vector absorbs (MiniLM + Rotten Tomatoes,
-one epoch of P-tuning: 0.747 unshifted, 0.706 shifted).
+one epoch of P-tuning: 0.747 unshifted, 0.706 shifted — one run each, with unseeded task heads,
+whose draws alone move this job by more than that; see p_tuning.py).
 
 Outputs of length k + L (logits, hidden states) are cut back to the L real positions. When the
 call continues from a cache that already holds the virtual tokens, nothing is injected again.
