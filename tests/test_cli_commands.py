@@ -98,6 +98,10 @@ def test_methods_lists_registered(capsys) -> None:
     rows = _json_tail(capsys)["methods"]
     assert {r["name"] for r in rows} == set(peftkit.methods())
     assert all(r["family"] and r["summary"] for r in rows)
+    dropout = {r["name"]: r["recommended_base_dropout"] for r in rows}
+    assert dropout["prompt_tuning"] == 0.0 and dropout["lora"] is None
+    assert cli.main(["methods"]) == 0
+    assert "Base dropout 0." in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("p_tuning"))
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "info", "methods"])

@@ -116,3 +116,13 @@ def test_method_training_options_under_the_users():
     mine = {"targets": ["query", "value"]}
     assert TrainConfig(method="lora", method_options=mine).resolved().method_options == mine
     assert TrainConfig(method="ia3").resolved().method_options == {}
+
+
+def test_base_dropout_is_the_methods_choice_unless_set():
+    assert TrainConfig().resolved().base_dropout is None  # LoRA: the model's own dropout
+    assert TrainConfig(method="prompt_tuning").resolved().base_dropout == 0.0
+    assert TrainConfig(method="prompt_tuning", base_dropout=0.1).resolved().base_dropout == 0.1
+    assert TrainConfig(method="lora", base_dropout=0.0).resolved().base_dropout == 0.0
+    for bad in (-0.1, 1.0, "none"):
+        with pytest.raises(ConfigError, match="base_dropout must be in"):
+            TrainConfig(base_dropout=bad).validate()

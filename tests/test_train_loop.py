@@ -208,3 +208,37 @@ def test_resume_with_another_head_group_is_a_clear_error(tmp_path, bert_dir, sen
     with pytest.raises(CheckpointError, match="--head-lr"):
         run(tmp_path / "r", bert_dir, sentiment_csv, resume="auto", head_lr=5e-2, **opts)
     assert (tmp_path / "r" / "checkpoint" / "adapter.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_set_dropout_reaches_every_dropout(name) -> None:
+    from models import BUILDERS, batch, output_tensor
+
+    from peftkit.train.models import set_dropout
+
+    model = BUILDERS[name]()
+    for module in model.modules():  # every kind of dropout on, so that a missed one shows
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.5
+    inputs = batch(name)
+    model.train()
+    torch.manual_seed(0)
+    noisy = output_tensor(model(**inputs))
+    assert not torch.equal(noisy, output_tensor(model(**inputs)))
+    assert set_dropout(model, 0.0) > 0
+    expected = output_tensor(model.eval()(**inputs))
+    assert torch.equal(output_tensor(model.train()(**inputs)), expected)  # training forward = eval forward
+
+
+def test_run_gives_the_base_the_methods_dropout(tmp_path, bert_dir, sentiment_csv, monkeypatch) -> None:
+    from peftkit.train import models
+
+    seen: list[float] = []
+    real = models.set_dropout
+    monkeypatch.setattr(models, "set_dropout", lambda model, p: seen.append(p) or real(model, p))
+    run(tmp_path / "a", bert_dir, sentiment_csv, method="prompt_tuning", max_steps=1)
+    run(tmp_path / "b", bert_dir, sentiment_csv, method="lora", max_steps=1)
+    run(tmp_path / "c", bert_dir, sentiment_csv, method="lora", max_steps=1, base_dropout=0.2)
+    assert seen == [0.0, 0.2]  # the method's recommendation, nothing for LoRA, then the user's value

@@ -49,6 +49,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--lr", type=float, help="peak learning rate [the method's recommended rate (`peftkit methods`), else 2e-3 "
                            "for instruction, 1e-3 otherwise]")
     a("--head-lr", type=float, help="peak learning rate of a new task head (classification) [--lr]")
+    a("--base-dropout", type=float, help="dropout probability inside the frozen base model (0: off) "
+                                         "[the method's recommended one (`peftkit methods`), else the model's own]")
+    a("--probe-head", action=argparse.BooleanOptionalAction, default=None,
+      help="fit a new classification head by logistic regression on the untrained model's features before "
+           "training [the method's choice (`peftkit methods`): soft prompts do]")
     a("--weight-decay", type=float)
     a("--schedule", choices=["cosine", "linear", "constant"], help="after warmup [linear]")
     a("--warmup", type=float, help="warmup: fraction of steps (<1) or a step count [0.06]")

@@ -107,6 +107,12 @@ class MethodSpec:
     # Options trainers start from (the user's options override them), where a training run is best
     # served by something other than the method's minimal default (e.g. wider placement).
     train_options: dict[str, Any] | None = None
+    # Dropout probability trainers give the frozen base model (None: the model's own). A method whose
+    # trainable signal reaches the head smaller than the base's dropout noise learns better without it.
+    base_dropout: float | None = None
+    # Whether trainers fit a *new* task head on the attached, untrained model's features before training
+    # (train/probe.py): for methods that move the features too little to wait for a random head to grow.
+    probe_head: bool = False
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -142,6 +148,18 @@ def recommended_head_lr(name: str | None) -> float | None:
     """The registered method's recommended task-head learning rate (None: the same as its lr)."""
     spec = _METHODS.get(name) if name else None
     return spec.head_lr if spec else None
+
+
+def recommended_base_dropout(name: str | None) -> float | None:
+    """The registered method's recommended dropout for the frozen base (None: the model's own)."""
+    spec = _METHODS.get(name) if name else None
+    return spec.base_dropout if spec else None
+
+
+def recommended_probe_head(name: str | None) -> bool:
+    """Whether the registered method asks trainers to fit a new task head before training."""
+    spec = _METHODS.get(name) if name else None
+    return bool(spec and spec.probe_head)
 
 
 def recommended_options(name: str | None) -> dict[str, Any]:

@@ -14,7 +14,13 @@ from typing import Any
 import yaml
 
 from ..core.errors import ConfigError, did_you_mean
-from ..core.registry import recommended_head_lr, recommended_lr, recommended_options
+from ..core.registry import (
+    recommended_base_dropout,
+    recommended_head_lr,
+    recommended_lr,
+    recommended_options,
+    recommended_probe_head,
+)
 
 TASKS = ("classification", "instruction", "lm")
 # Adapters on small models, for methods without a recommended rate of their own. Measured in one
@@ -47,6 +53,8 @@ class TrainConfig:
     optimizer: str = "adamw"
     lr: float | None = None  # None: the method's recommended rate, else TASK_LR / DEFAULT_LR
     head_lr: float | None = None  # a new task head's rate; None: the method's recommended one, else lr
+    base_dropout: float | None = None  # dropout in the frozen base; None: the method's recommended one, else the model's
+    probe_head: bool | None = None  # fit a new task head on the untrained features first; None: the method's choice
     weight_decay: float = 0.0
     schedule: str = "linear"
     warmup: float = 0.06  # < 1: a fraction of the steps; >= 1: a number of steps
@@ -83,6 +91,8 @@ class TrainConfig:
             self, method=method, method_options=options,
             lr=self.lr if self.lr is not None else (recommended_lr(method) or TASK_LR.get(task, DEFAULT_LR)),
             head_lr=self.head_lr if self.head_lr is not None else recommended_head_lr(method),
+            base_dropout=self.base_dropout if self.base_dropout is not None else recommended_base_dropout(method),
+            probe_head=self.probe_head if self.probe_head is not None else recommended_probe_head(method),
             max_length=self.max_length if self.max_length is not None else (128 if task == "classification" else 256),
             batch_size=self.batch_size if self.batch_size is not None else (32 if task == "classification" else 8),
             eval_batch_size=self.eval_batch_size or (128 if task == "classification" else 16),
@@ -109,6 +119,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value > 0):
                 out.append(f"{name} must be > 0, got {value!r}")
+        if self.base_dropout is not None and not (isinstance(self.base_dropout, int | float) and 0 <= self.base_dropout < 1):
+            out.append(f"base_dropout must be in [0, 1), got {self.base_dropout!r}")
         if not (0 < self.eval_fraction < 1):
             out.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.method_options is not None and not isinstance(self.method_options, dict):

@@ -98,5 +98,34 @@ def load(path: str, task: str, num_labels: int | None = None, pad_id: int | None
     return model
 
 
+def saved_weight_names(path: str) -> set[str] | None:
+    """Tensor names in the folder's safetensors files (headers only); None without such files."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            names.update(handle.keys())
+    return names
+
+
+def set_dropout(model: nn.Module, p: float) -> int:
+    """Give every dropout in `model` probability `p`: ``nn.Dropout`` modules, and the float
+    ``attention_dropout`` that transformers' attention layers without a dropout module read.
+    Returns how many were set."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+            count += 1
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = p
+            count += 1
+    return count
+
+
 def folder_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

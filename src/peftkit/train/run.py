@@ -138,6 +138,8 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
         prepared.num_labels = max(prepared.num_labels, cfg.num_labels)
     torch.manual_seed(cfg.seed)  # a new task head is initialised while loading: --seed must cover it
     model = _load_model(job, prepared.num_labels, tok.pad_token_id)
+    if cfg.base_dropout is not None:  # before attaching: the adapter's own dropout stays as configured
+        models.set_dropout(model, cfg.base_dropout)
     import peftkit
 
     torch.manual_seed(cfg.seed)
@@ -163,6 +165,18 @@ def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.n
     if task == "classification" and pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id  # decoder classifiers pool the last non-pad token
     return model
+
+
+def _probe(job: Job, tuned: Any, prepared: data_mod.Prepared, pad_id: int, dist: Dist) -> str:
+    """Fit the task head first (train/probe.py) when it is new: a head the checkpoint holds is kept."""
+    from ..core.select import head_names
+    from .probe import probe_head
+
+    saved = models.saved_weight_names(job.model_path)
+    heads = head_names(tuned.model)
+    if saved is not None and heads and any(name.startswith(f"{heads[-1]}.") for name in saved):
+        return f"task head {heads[-1]!r} loaded from {job.model_path}: kept, not probed"
+    return probe_head(tuned, prepared, pad_id, dist.device, job.cfg.seed)
 
 
 def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id: int, dist: Dist) -> list[str]:
@@ -193,7 +207,8 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist)
     summary = tuned.summary()
     echo(f"peftkit train: {cfg.model} on {cfg.data} ({job.task}), method {cfg.method}"
-         + (f", {cfg.quantize} base" if cfg.quantize else "") + (f", {dist.world} processes" if dist.enabled else ""))
+         + (f", {cfg.quantize} base" if cfg.quantize else "")
+         + (f", base dropout {cfg.base_dropout:g}" if cfg.base_dropout is not None else "") + (f", {dist.world} processes" if dist.enabled else ""))
     echo(f"  data: {prepared.meta['train_examples']} train / {prepared.meta['eval_examples']} held-out "
          f"({prepared.meta['split']})")
     echo(f"  trainable params: {summary.trainable:,} of {summary.total:,} ({summary.trainable_percent:.2f}%)")
@@ -214,10 +229,13 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     if resume is not None:
         trainer.resume(resume)
         echo(f"  resumed from {resume} at step {trainer.state['step']} of {trainer.total_steps}")
-    elif cfg.eval_before is not False:
-        before = trainer.evaluate()
-        if before:
-            echo("  before: " + _fmt(before))
+    else:
+        if cfg.probe_head and job.task == "classification":
+            echo("  " + _probe(job, tuned, prepared, tok.pad_token_id, dist))
+        if cfg.eval_before is not False:
+            before = trainer.evaluate()
+            if before:
+                echo("  before: " + _fmt(before))
     echo(f"  training {trainer.total_steps} steps of {trainer.global_batch} examples "
          f"({trainer.steps_per_epoch} steps per epoch)")
     result = trainer.fit()

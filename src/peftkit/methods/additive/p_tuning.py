@@ -93,4 +93,6 @@ register(MethodSpec(
     # alone span ~0.14 here and these choices are not settled.
     lr=3e-3,
     head_lr=1e-2,
+    base_dropout=0.0,
+    probe_head=True,
 ))

@@ -97,4 +97,6 @@ register(MethodSpec(
     summary="Trainable virtual-token embeddings before the input embeddings (soft prompt).",
     hf=PROMPT_CODEC,
     lr=3e-2,
+    base_dropout=0.0,
+    probe_head=True,
 ))
