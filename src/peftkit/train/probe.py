@@ -24,7 +24,7 @@ from ..core.select import get_site, head_names
 from ..core.tuned import COPY_SLOT
 from .batches import collate
 
-PROBE_EXAMPLES = 4096
+PROBE_EXAMPLES = 16384  # a sample when the training set is larger: the fit is a small part of the run
 WEIGHT_DECAY = 1e-3  # on standardised features, summed over the weights (as benchmarks/accuracy.py)
 
 

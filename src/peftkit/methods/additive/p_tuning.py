@@ -10,7 +10,8 @@ Only P is saved; a loaded P is stored directly. Masks, labels and `generate()` a
 Placement: the model's input embeddings. Init: E ~ N(0, 1), encoder default init (PEFT's).
 Defaults: k = 20, encoder = mlp, h = d. Not mergeable.
 Trainer defaults: the encoder at 3e-3, a new task head at 1e-2 (soft tokens need larger steps than
-weights, the encoder MLP no larger than that).
+weights, the encoder MLP no larger than that); the frozen base's dropout off and a new task head fitted
+before training (``base_dropout=0``, ``probe_head``: see `virtual_tokens.py` for why).
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ Init: ``"vocabulary"`` (embeddings of k random vocabulary tokens, the default), 
 (N(0, σ²) with σ the std of the embedding table) or ``"text"`` (the embeddings of `init_text`
 tokenised with `tokenizer`, repeated to length k; needs that tokenizer whenever the adapter is
 built, also when loading). Defaults: k = 20. Not mergeable. Expect it weak on small models.
-Trainer default learning rate 3e-2 (the paper uses 0.3 with Adafactor; 3e-2 with AdamW); the task head trains at it too.
+Trainer defaults (`peftkit methods`): learning rate 3e-2 (the paper uses 0.3 with Adafactor; 3e-2
+with AdamW), the task head at it too; the frozen base's dropout off and a new task head fitted before
+training (``base_dropout=0``, ``probe_head``: see `virtual_tokens.py` for why).
 """
 
 from __future__ import annotations
