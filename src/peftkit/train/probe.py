@@ -24,7 +24,9 @@ from ..core.select import get_site, head_names
 from ..core.tuned import COPY_SLOT
 from .batches import collate
 
-PROBE_EXAMPLES = 16384  # a sample when the training set is larger: the fit is a small part of the run
+# MiniLM + Rotten Tomatoes, seeds 0-2, mean accuracy after one epoch: 4,096 examples 0.7518 (prompt tuning) /
+# 0.7335 (P-tuning); the whole split (10,262) 0.7494 / 0.7327 at 2.5x the fitting time
+PROBE_EXAMPLES = 4096
 WEIGHT_DECAY = 1e-3  # on standardised features, summed over the weights (as benchmarks/accuracy.py)
 
 
