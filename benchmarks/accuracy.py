@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from _common import minilm_path
 
+from peftkit.train.probe import fit_logistic
+
 DENSE = {"bottleneck": 64}
 CASES: dict[str, tuple[str, dict]] = {
     "lora (all linear)": ("lora", {"targets": "all-linear"}),
@@ -99,20 +101,9 @@ def features(texts: list[str], tok, encoder, batch_size: int = 64) -> dict[str, 
 
 def fit_head(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
              weight_decay: float) -> float:
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    head = torch.nn.Linear(x_train.shape[1], 2)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x_train), y_train) + weight_decay * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return (head(x_test).argmax(1) == y_test).float().mean().item()
+    """Test accuracy of a logistic-regression head (the fit `peftkit train` uses to start soft prompts' heads)."""
+    weight, bias = fit_logistic(x_train, y_train, 2, weight_decay)
+    return ((x_test @ weight.T + bias).argmax(1) == y_test).float().mean().item()
 
 
 def head_only(args: argparse.Namespace) -> None:

@@ -228,7 +228,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     rows = [{"name": s.name, "family": s.family, "summary": s.summary, "hf_peft": s.hf is not None,
              "recommended_lr": s.lr, "recommended_head_lr": s.head_lr, "recommended_base_dropout": s.base_dropout,
-             "probe_head": s.probe_head,             "train_options": s.train_options or {},
+             "probe_head": s.probe_head, "train_options": s.train_options or {},
              "options": list(s.config_cls.option_names())} for s in registry.specs()]
     width = max((len(r["name"]) for r in rows), default=4)
     lines = [f"{r['name']:<{width}}  {r['family']:<16} {r['summary']}"

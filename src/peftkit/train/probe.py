@@ -36,12 +36,17 @@ def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
     return found[-1] if found else None
 
 
+def head_site(model: nn.Module) -> str | None:
+    """The task-head module that produces the logits (DistilBERT: ``classifier``, after ``pre_classifier``)."""
+    sites = head_names(model)
+    return sites[-1] if sites else None
+
+
 def _head_copy(tuned: Any, adapter: str) -> tuple[Any, str, nn.Linear] | None:
     """(the adapter's trainable copy of the head, the fitted layer's key prefix in it, that layer)."""
-    sites = head_names(tuned.model)
-    if not sites:
+    site = head_site(tuned.model)
+    if site is None:
         return None
-    site = sites[-1]  # the one that produces the logits (DistilBERT: pre_classifier, then classifier)
     copy = dict(tuned.deltas(adapter)).get(f"{site}.{COPY_SLOT}")
     host = get_site(tuned.model, site)
     found = last_linear(getattr(host, "base_layer", host))

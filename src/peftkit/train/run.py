@@ -169,13 +169,12 @@ def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.n
 
 def _probe(job: Job, tuned: Any, prepared: data_mod.Prepared, pad_id: int, dist: Dist) -> str:
     """Fit the task head first (train/probe.py) when it is new: a head the checkpoint holds is kept."""
-    from ..core.select import head_names
-    from .probe import probe_head
+    from .probe import head_site, probe_head
 
     saved = models.saved_weight_names(job.model_path)
-    heads = head_names(tuned.model)
-    if saved is not None and heads and any(name.startswith(f"{heads[-1]}.") for name in saved):
-        return f"task head {heads[-1]!r} loaded from {job.model_path}: kept, not probed"
+    site = head_site(tuned.model)
+    if saved is not None and site and any(name.startswith(f"{site}.") for name in saved):
+        return f"task head {site!r} loaded from {job.model_path}: kept, not probed"
     return probe_head(tuned, prepared, pad_id, dist.device, job.cfg.seed)
 
 
@@ -208,7 +207,8 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     summary = tuned.summary()
     echo(f"peftkit train: {cfg.model} on {cfg.data} ({job.task}), method {cfg.method}"
          + (f", {cfg.quantize} base" if cfg.quantize else "")
-         + (f", base dropout {cfg.base_dropout:g}" if cfg.base_dropout is not None else "") + (f", {dist.world} processes" if dist.enabled else ""))
+         + (f", base dropout {cfg.base_dropout:g}" if cfg.base_dropout is not None else "")
+         + (f", {dist.world} processes" if dist.enabled else ""))
     echo(f"  data: {prepared.meta['train_examples']} train / {prepared.meta['eval_examples']} held-out "
          f"({prepared.meta['split']})")
     echo(f"  trainable params: {summary.trainable:,} of {summary.total:,} ({summary.trainable_percent:.2f}%)")
