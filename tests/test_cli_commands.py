@@ -100,11 +100,8 @@ def test_methods_lists_registered(capsys) -> None:
     assert all(r["family"] and r["summary"] for r in rows)
     dropout = {r["name"]: r["recommended_base_dropout"] for r in rows}
     assert dropout["prompt_tuning"] == 0.0 and dropout["lora"] is None
-    epochs = {r["name"]: r["recommended_epochs"] for r in rows}
-    assert epochs["p_tuning"] == 2.0 and epochs["lora"] is None
     assert cli.main(["methods"]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("p_tuning"))
-    assert "Base dropout 0." in line and "Trains 2 epochs." in line
+    assert "Base dropout 0." in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("p_tuning"))
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "info", "methods"])

@@ -118,14 +118,6 @@ def test_method_training_options_under_the_users():
     assert TrainConfig(method="ia3").resolved().method_options == {}
 
 
-def test_epochs_are_the_methods_choice_unless_set():
-    assert TrainConfig().resolved().epochs == 1.0  # LoRA: no recommendation, the trainer's default
-    assert TrainConfig(method="p_tuning").resolved().epochs == peftkit_registry.recommended_epochs("p_tuning") == 2.0
-    assert TrainConfig(method="p_tuning", epochs=0.5).resolved().epochs == 0.5
-    with pytest.raises(ConfigError, match="epochs must be > 0"):
-        TrainConfig(epochs=0).validate()
-
-
 def test_base_dropout_is_the_methods_choice_unless_set():
     assert TrainConfig().resolved().base_dropout is None  # LoRA: the model's own dropout
     assert TrainConfig(method="prompt_tuning").resolved().base_dropout == 0.0

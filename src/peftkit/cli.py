@@ -61,8 +61,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, help="examples per process per micro-batch [32 classification, 8 otherwise]")
     a("--grad-accum", type=int, help="micro-batches per optimizer step [1]")
     a("--max-length", type=int, help="tokens per example [128 classification, 256 otherwise]")
-    a("--epochs", type=float, help="passes over the training data [the method's recommended number "
-                                   "(`peftkit methods`), else 1]")
+    a("--epochs", type=float, help="passes over the training data [1]")
     a("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     a("--eval-every", type=int, help="evaluate (and keep the best adapter) every N steps")
     a("--eval-batch-size", type=int, help="examples per evaluation batch [128 classification, 16 otherwise]")

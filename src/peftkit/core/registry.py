@@ -113,9 +113,6 @@ class MethodSpec:
     # Whether trainers fit a *new* task head on the attached, untrained model's features before training
     # (train/probe.py): for methods that move the features too little to wait for a random head to grow.
     probe_head: bool = False
-    # Passes over the training data trainers use when the user gives none (None: the trainer's default,
-    # one): for methods that converge more slowly than the weight-space adapters the default is sized for.
-    epochs: float | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -163,12 +160,6 @@ def recommended_probe_head(name: str | None) -> bool:
     """Whether the registered method asks trainers to fit a new task head before training."""
     spec = _METHODS.get(name) if name else None
     return bool(spec and spec.probe_head)
-
-
-def recommended_epochs(name: str | None) -> float | None:
-    """The registered method's recommended number of epochs (None: the trainer's default)."""
-    spec = _METHODS.get(name) if name else None
-    return spec.epochs if spec else None
 
 
 def recommended_options(name: str | None) -> dict[str, Any]:

@@ -228,7 +228,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     rows = [{"name": s.name, "family": s.family, "summary": s.summary, "hf_peft": s.hf is not None,
              "recommended_lr": s.lr, "recommended_head_lr": s.head_lr, "recommended_base_dropout": s.base_dropout,
-             "probe_head": s.probe_head, "recommended_epochs": s.epochs, "train_options": s.train_options or {},
+             "probe_head": s.probe_head, "train_options": s.train_options or {},
              "options": list(s.config_cls.option_names())} for s in registry.specs()]
     width = max((len(r["name"]) for r in rows), default=4)
     lines = [f"{r['name']:<{width}}  {r['family']:<16} {r['summary']}"
@@ -236,7 +236,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
              + (f" Task head lr {r['recommended_head_lr']:g}." if r["recommended_head_lr"] else "")
              + (f" Base dropout {r['recommended_base_dropout']:g}." if r["recommended_base_dropout"] is not None else "")
              + (" Fits a new task head first." if r["probe_head"] else "")
-             + (f" Trains {r['recommended_epochs']:g} epochs." if r["recommended_epochs"] else "")
              + "".join(f" Trains with {k}={v}." for k, v in r["train_options"].items()) for r in rows]
     _emit(args, {"methods": rows}, "\n".join(lines))
     return 0

@@ -16,7 +16,6 @@ import yaml
 from ..core.errors import ConfigError, did_you_mean
 from ..core.registry import (
     recommended_base_dropout,
-    recommended_epochs,
     recommended_head_lr,
     recommended_lr,
     recommended_options,
@@ -30,7 +29,6 @@ TASKS = ("classification", "instruction", "lm")
 # 1e-3 / the 2e-4 usual for 7B models).
 DEFAULT_LR = 1e-3
 TASK_LR = {"instruction": 2e-3}
-DEFAULT_EPOCHS = 1.0
 DEFAULT_METHOD = "lora"  # with the method's recommended training options (LoRA: every linear layer)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
@@ -64,7 +62,7 @@ class TrainConfig:
     batch_size: int | None = None  # None: 32 for classification, 8 otherwise
     grad_accum: int = 1
     max_length: int | None = None  # None: 128 for classification, 256 otherwise
-    epochs: float | None = None  # None: the method's recommended number, else DEFAULT_EPOCHS
+    epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
     eval_every: int | None = None  # steps; None: at the end only
     eval_batch_size: int | None = None  # None: 128 for classification, 16 otherwise (vocabulary-wide logits)
@@ -95,7 +93,6 @@ class TrainConfig:
             head_lr=self.head_lr if self.head_lr is not None else recommended_head_lr(method),
             base_dropout=self.base_dropout if self.base_dropout is not None else recommended_base_dropout(method),
             probe_head=self.probe_head if self.probe_head is not None else recommended_probe_head(method),
-            epochs=self.epochs if self.epochs is not None else (recommended_epochs(method) or DEFAULT_EPOCHS),
             max_length=self.max_length if self.max_length is not None else (128 if task == "classification" else 256),
             batch_size=self.batch_size if self.batch_size is not None else (32 if task == "classification" else 8),
             eval_batch_size=self.eval_batch_size or (128 if task == "classification" else 16),
@@ -116,7 +113,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value > 0):
                 out.append(f"{name} must be a positive integer, got {value!r}")
-        if self.epochs is not None and not (isinstance(self.epochs, int | float) and self.epochs > 0):
+        if not (isinstance(self.epochs, int | float) and self.epochs > 0):
             out.append(f"epochs must be > 0, got {self.epochs!r}")
         for name in ("lr", "head_lr"):
             value = getattr(self, name)
