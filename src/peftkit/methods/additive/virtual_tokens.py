@@ -25,7 +25,7 @@ which Adam, moving each weight by about the learning rate per step, does not rea
 a random start. MiniLM + Rotten Tomatoes, one epoch (the head-only bar is 0.725): P-tuning 0.610
 (seed 0) as before, 0.762/0.692 (seeds 0/1) with dropout off, 0.738/0.741/0.735/0.731/0.729/0.732
 (seeds 0-5) with the head fitted as well and its encoder at 1e-3 (p_tuning.py); prompt tuning 0.709,
-0.755/0.720, 0.750/0.768/0.737/0.735/0.755/0.750.
+0.755/0.720, 0.757/0.751/0.737/0.735/0.755/0.750.
 
 Outputs of length k + L (logits, hidden states) are cut back to the L real positions. When the
 call continues from a cache that already holds the virtual tokens, nothing is injected again.
