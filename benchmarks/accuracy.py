@@ -6,7 +6,8 @@ baseline: held-out accuracy and trainable share, through ``peftkit train`` (the 
     .venv/bin/python benchmarks/accuracy.py summarize                      # the table so far
 
 ``run`` calls ``peftkit train --method M --method-options O`` with the job's defaults (one epoch of
-the fixed split, batch 32, lr 1e-3, linear schedule, seed 0) in a fresh process per case and appends
+the fixed split, batch 32, each method's recommended settings from ``peftkit methods``, linear
+schedule, ``--seed``, 0 unless given; one ``--out`` per seed) in a fresh process per case and appends
 its JSON line to <out>/results.jsonl, so cases can be split over processes and summarised later.
 Data-scored masks (SNIP) calibrate on the first 4 training batches, as ``peftkit train`` does.
 
