@@ -79,7 +79,7 @@ def adapt(variant: str, model: torch.nn.Module) -> torch.nn.Module:
 def weight_bytes(variant: str, model: torch.nn.Module) -> dict[str, float]:
     """Bytes per weight of the base's linear layers (quantization state included)."""
     if variant == "fp32-lora":
-        from peftkit.core.select import iter_sites, select
+        from peftkit.core.targets import iter_sites, select
 
         sites = dict(iter_sites(model))
         weights = [sites[n].weight for n in select(model, "all-linear")]

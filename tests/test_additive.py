@@ -9,7 +9,7 @@ from models import BUILDERS, PlainNet, batch, output_tensor
 from transformers import DynamicCache
 
 import peftkit
-from peftkit.core.errors import ConfigError, TargetError
+from peftkit.errors import ConfigError, TargetError
 
 
 def inputs_of(name: str, **kw) -> dict[str, torch.Tensor]:

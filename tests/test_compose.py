@@ -135,7 +135,7 @@ def test_unipelt_gates_lora_and_adapter_trains_saves_loads(tmp_path):
 
 
 def test_parts_prepare_the_base_qlora_in_a_composition():
-    from peftkit.core.layers import is_quantized
+    from peftkit.core.linear import is_quantized
 
     config = peftkit.config("compose", parts=[{"method": "qlora", "r": 2}, {"method": "ln_tuning"}])
     tuned = peftkit.attach(BUILDERS["llama"](), config)

@@ -10,7 +10,7 @@ from models import batch, loss_of, tiny_bert, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit import prune
-from peftkit.core.layers import linear_weight
+from peftkit.core.linear import linear_weight
 from peftkit.quant import quantize
 
 

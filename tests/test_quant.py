@@ -11,7 +11,7 @@ from models import VOCAB, batch, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 
 import peftkit
-from peftkit.core.layers import Conv1D
+from peftkit.core.linear import Conv1D
 from peftkit.quant import FP4, NF4, QuantLinear, QuantSpec, footprint, formats, nf4_from_quantiles, quantize
 from peftkit.quant.codes import dynamic_map
 

@@ -7,7 +7,7 @@ from models import tiny_bert, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit.core import arch
-from peftkit.core.select import head_names, layer_index, output_head_names, parse_layers, select
+from peftkit.core.targets import head_names, layer_index, output_head_names, parse_layers, select
 
 
 def test_suffix_exact_regex_type_and_exclude():

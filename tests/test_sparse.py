@@ -8,8 +8,8 @@ from models import BUILDERS, PlainNet, batch, output_tensor
 from safetensors.torch import load_file
 
 import peftkit
+from peftkit.core.forms.mask import MaskedDelta, pack_mask, unpack_mask
 from peftkit.methods.unified import scores as S
-from peftkit.methods.unified.mask import MaskedDelta, pack_mask, unpack_mask
 from peftkit.methods.unified.sparse_adapter import masked_deltas
 
 LORA = {"base": "lora", "base_options": {"r": 4, "targets": "all-linear"}}

@@ -7,7 +7,7 @@ import yaml
 
 from peftkit import cli
 from peftkit.core import registry as peftkit_registry
-from peftkit.core.errors import ConfigError
+from peftkit.errors import ConfigError
 from peftkit.train.config import TrainConfig, from_mapping, load_file, parse_options
 from peftkit.train.trainer import lr_factor
 

@@ -14,7 +14,10 @@ __version__ = "0.1.0"
 from . import methods as _methods  # noqa: F401,E402  (registers every method)
 from .core.calibrate import calibrate, needs_calibration  # noqa: E402
 from .core.config import MethodConfig  # noqa: E402
-from .core.errors import (  # noqa: E402
+from .core.io import load  # noqa: E402
+from .core.registry import config, config_from_dict, methods  # noqa: E402
+from .core.tuned import Summary, TunedModel, attach  # noqa: E402
+from .errors import (  # noqa: E402
     AdapterFileError,
     AdapterStateError,
     ConfigError,
@@ -22,9 +25,6 @@ from .core.errors import (  # noqa: E402
     PeftkitError,
     TargetError,
 )
-from .core.io import load  # noqa: E402
-from .core.registry import config, config_from_dict, methods  # noqa: E402
-from .core.tuned import Summary, TunedModel, attach  # noqa: E402
 from .quant import quantize  # noqa: E402
 
 __all__ = [

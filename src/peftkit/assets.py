@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .core.errors import PeftkitError, did_you_mean
+from .errors import PeftkitError, did_you_mean
 
 MODELS = ("minilm", "smollm2")
 DATASETS = ("rotten-tomatoes", "chatterbot", "hamlet")

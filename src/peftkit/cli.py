@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .core.errors import PeftkitError
+from .errors import PeftkitError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 

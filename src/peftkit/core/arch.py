@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .errors import TargetError
-from .layers import is_linear
-from .select import iter_sites
+from ..errors import TargetError
+from .linear import is_linear
+from .targets import iter_sites
 
 _QUERY = {"q_proj", "query", "q_lin", "q", "wq", "to_q"}
 _KEY = {"k_proj", "key", "k_lin", "k", "wk", "to_k"}

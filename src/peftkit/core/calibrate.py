@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import AdapterStateError
+from ..errors import AdapterStateError
 from .tuned import TunedModel
 
 LossFn = Callable[[Any, dict[str, Any]], torch.Tensor]

@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from .errors import ConfigError, did_you_mean
-from .select import LayerSpec, Spec
+from ..errors import ConfigError, did_you_mean
+from .targets import LayerSpec, Spec
 
 
 def _freeze(value: Any) -> Any:

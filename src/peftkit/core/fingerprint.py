@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .host import Host
-from .layers import dense_copy, is_quantized
+from .linear import dense_copy, is_quantized
 
 SKETCH_TOLERANCE = 0.05  # relative to the tensor's rms; dtype/quantization changes stay well inside
 

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..errors import AdapterFileError, ConfigError, PeftkitError
 from . import registry
-from .errors import AdapterFileError, ConfigError, PeftkitError
 from .io import _read_json, install, read_tensors
-from .select import iter_sites, matches
+from .targets import iter_sites, matches
 from .tuned import COPY_SLOT, TunedModel
 
 HF_CONFIG = "adapter_config.json"

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .delta import Delta
-from .errors import AdapterStateError, NotMergeableError
-from .layers import dense_copy, is_quantized, linear_weight, store_dense
+from ..errors import AdapterStateError, NotMergeableError
+from .linear import dense_copy, is_quantized, linear_weight, store_dense
+from .protocol import Delta
 
 
 @dataclass

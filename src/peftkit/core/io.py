@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import AdapterFileError, PeftkitError
+from ..errors import AdapterFileError, PeftkitError
 from .fingerprint import compare, fingerprint
 from .registry import config_from_dict
 from .tuned import TunedModel

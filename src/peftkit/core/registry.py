@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ConfigError, did_you_mean
 from .config import MethodConfig, build_config
-from .delta import Delta, ModelDelta
-from .errors import ConfigError, did_you_mean
+from .protocol import Delta, ModelDelta
 
 FAMILIES = ("additive", "reparameterized", "partial", "hybrid", "unified")
 

@@ -18,14 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import (
+    AdapterFileError,
+    AdapterStateError,
+    ConfigError,
+    NotMergeableError,
+    QuantizedMergeWarning,
+)
 from . import registry
 from .config import MethodConfig
-from .delta import Delta, ModelDelta
-from .deltas import TrainableCopy
-from .errors import AdapterFileError, AdapterStateError, ConfigError, NotMergeableError, QuantizedMergeWarning
+from .forms.select import TrainableCopy
 from .host import Host, SiteContext
-from .layers import dense_copy, is_quantized
-from .select import get_site, head_names, iter_sites, select, set_site
+from .linear import dense_copy, is_quantized
+from .protocol import Delta, ModelDelta
+from .targets import get_site, head_names, iter_sites, select, set_site
 
 MODEL_NAMESPACE = "__model__"
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..core.errors import PeftkitError
-from ..core.layers import Conv1D, is_linear, linear_weight
-from ..core.select import iter_sites, set_site
+from ..core.linear import Conv1D, is_linear, linear_weight
+from ..core.targets import iter_sites, set_site
+from ..errors import PeftkitError
 from .report import PruneReport
 from .structured import _HEAD_ATTRS, _KV_ATTRS
 

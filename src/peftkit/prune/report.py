@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.layers import is_linear, linear_weight
-from ..core.select import Spec, iter_sites, select
+from ..core.linear import is_linear, linear_weight
+from ..core.targets import Spec, iter_sites, select
 
 
 @dataclass

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..core import arch
-from ..core.errors import ConfigError, TargetError
-from ..core.layers import Conv1D, is_quantized, linear_weight
-from ..core.select import set_site
+from ..core.linear import Conv1D, is_quantized, linear_weight
+from ..core.targets import set_site
+from ..errors import ConfigError, TargetError
 from .report import PruneReport, count_params, layer_stats
 
 _HEAD_ATTRS = ("num_attention_heads", "num_heads")

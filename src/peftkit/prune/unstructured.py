@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError, TargetError
-from ..core.layers import LINEAR_TYPES, assign_linear_weight, is_quantized, linear_weight
-from ..core.select import LayerSpec, Spec, iter_sites, select
+from ..core.linear import LINEAR_TYPES, assign_linear_weight, is_quantized, linear_weight
+from ..core.targets import LayerSpec, Spec, iter_sites, select
+from ..errors import ConfigError, TargetError
 from .report import PruneReport, count_params, layer_stats
 
 SCOPES = ("layer", "global")

@@ -12,7 +12,7 @@ error that adds; ``tuned.merge(dequantize=True)`` merges into full-precision cop
 
 from __future__ import annotations
 
-from ..core.errors import QuantizedMergeWarning
+from ..errors import QuantizedMergeWarning
 from .apply import Footprint, base_quantization, dequantize, footprint, quantize, quantized_layers
 from .codes import FP4, NF4, nf4_from_quantiles
 from .linear import QuantLinear

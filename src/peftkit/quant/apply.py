@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import AdapterStateError, TargetError
 from ..core.host import Host
-from ..core.layers import LINEAR_TYPES
-from ..core.select import LayerSpec, Spec, get_site, iter_sites, select, set_site
+from ..core.linear import LINEAR_TYPES
+from ..core.targets import LayerSpec, Spec, get_site, iter_sites, select, set_site
+from ..errors import AdapterStateError, TargetError
 from . import backends, memory
 from .linear import QuantLinear
 from .spec import QuantSpec, parse_dtype

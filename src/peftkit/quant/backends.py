@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError
+from ..errors import ConfigError
 from . import formats
 from .codes import dynamic_map, table
 from .spec import QuantSpec

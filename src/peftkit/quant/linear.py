@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.layers import Conv1D
+from ..core.linear import Conv1D
 from . import backends
 from .spec import QuantSpec
 

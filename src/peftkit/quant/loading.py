@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import PeftkitError
-from ..core.layers import LINEAR_TYPES, Conv1D
-from ..core.select import LayerSpec, Spec, iter_sites, select, set_site
+from ..core.linear import LINEAR_TYPES, Conv1D
+from ..core.targets import LayerSpec, Spec, iter_sites, select, set_site
+from ..errors import PeftkitError
 from . import backends, memory
 from .linear import QuantLinear
 from .spec import QuantSpec, parse_dtype

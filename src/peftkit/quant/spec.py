@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError
+from ..errors import ConfigError
 
 SCHEMES = ("nf4", "fp4", "int8")
 BACKENDS = ("torch", "bitsandbytes")

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.errors import PeftkitError
 from ..core.io import META, WEIGHTS, read_tensors, write_adapter
+from ..errors import PeftkitError
 
 FORMAT = "peftkit-checkpoint"
 VERSION = 1

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..core.errors import AdapterFileError, ConfigError
+from ..errors import AdapterFileError, ConfigError
 from . import models
 from .run import load_run
 

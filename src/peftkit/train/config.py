@@ -13,7 +13,6 @@ from typing import Any
 
 import yaml
 
-from ..core.errors import ConfigError, did_you_mean
 from ..core.registry import (
     recommended_base_dropout,
     recommended_head_lr,
@@ -21,6 +20,7 @@ from ..core.registry import (
     recommended_options,
     recommended_probe_head,
 )
+from ..errors import ConfigError, did_you_mean
 
 TASKS = ("classification", "instruction", "lm")
 # Adapters on small models, for methods without a recommended rate of their own. Measured in one

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import PeftkitError, did_you_mean
+from ..errors import PeftkitError, did_you_mean
 
 
 class DataError(PeftkitError, ValueError):

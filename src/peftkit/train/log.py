@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import ConfigError
+from ..errors import ConfigError
 
 
 class RunLog:

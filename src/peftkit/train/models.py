@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .. import assets
-from ..core.errors import PeftkitError
+from ..errors import PeftkitError
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.select import get_site, head_names
+from ..core.targets import get_site, head_names
 from ..core.tuned import COPY_SLOT
 from .batches import collate
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..core.errors import ConfigError, PeftkitError
 from ..core.registry import config as method_config
+from ..errors import ConfigError, PeftkitError
 from . import data as data_mod
 from . import models
 from .checkpoint import CheckpointError, read

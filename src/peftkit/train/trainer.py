@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.errors import PeftkitError
+from ..errors import PeftkitError
 from . import checkpoint as ckpt
 from .batches import (
     answer_logits_only,

@@ -17,11 +17,11 @@ from torch import nn
 
 from ...core import arch
 from ...core.config import SiteConfig, check
-from ...core.delta import Delta
-from ...core.deltas import TrainableCopy
-from ...core.layers import delta_dtype, device_of, is_linear, linear_dims
+from ...core.forms.select import TrainableCopy
+from ...core.linear import delta_dtype, device_of, is_linear, linear_dims
+from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import select
+from ...core.targets import select
 from .bottleneck import Bottleneck, bottleneck_problems, bottleneck_size
 
 PLACEMENTS = ("houlsby", "pfeiffer")

@@ -19,10 +19,10 @@ from torch import nn
 
 from ...core import arch
 from ...core.config import SiteConfig
-from ...core.delta import Delta
-from ...core.layers import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import Spec, as_entries, matches, select
+from ...core.targets import Spec, as_entries, matches, select
 from .ia3_hf import IA3_CODEC
 
 

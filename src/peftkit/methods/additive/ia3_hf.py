@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.errors import ConfigError
-from ...core.layers import Conv1D
+from ...core.linear import Conv1D
 from ...core.registry import HfCodec
-from ...core.select import get_site, iter_sites
+from ...core.targets import get_site, iter_sites
+from ...errors import ConfigError
 
 PREFIX = "base_model.model."
 _SUFFIX = ".ia3_l"

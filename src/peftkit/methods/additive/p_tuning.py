@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ...core.config import MethodConfig, check
+from ...core.forms.input import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
+from ...core.forms.table import LearnedTable
 from ...core.registry import Attachment, MethodSpec, register
 from .p_tuning_hf import P_TUNING_CODEC
-from .table import LearnedTable
-from .virtual_tokens import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
 
 ENCODERS = ("mlp", "lstm")
 

@@ -29,15 +29,15 @@ from torch import nn
 
 from ...core import arch
 from ...core.config import SiteConfig, check
-from ...core.delta import ModelDelta
-from ...core.errors import ConfigError
-from ...core.layers import device_of
+from ...core.forms import context as kv_prefix
+from ...core.forms.input import cache_length, require_position_ids, shifts_positions
+from ...core.forms.table import LearnedTable
+from ...core.linear import device_of
+from ...core.protocol import ModelDelta
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import parse_layers
-from . import kv_prefix
+from ...core.targets import parse_layers
+from ...errors import ConfigError
 from .prefix_tuning_hf import PREFIX_CODEC
-from .table import LearnedTable
-from .virtual_tokens import cache_length, require_position_ids, shifts_positions
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ...core import arch
-from ...core.errors import ConfigError
 from ...core.registry import HfCodec
+from ...errors import ConfigError
 from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, require_shifted, the_table
 
 

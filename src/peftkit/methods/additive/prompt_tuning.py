@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from ...core.config import MethodConfig, check
-from ...core.errors import ConfigError
+from ...core.forms.input import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
+from ...core.forms.table import LearnedTable
 from ...core.registry import Attachment, MethodSpec, register
+from ...errors import ConfigError
 from .prompt_tuning_hf import PROMPT_CODEC
-from .table import LearnedTable
-from .virtual_tokens import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
 
 INITS = ("vocabulary", "random", "text")
 

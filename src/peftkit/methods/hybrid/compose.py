@@ -30,9 +30,9 @@ from typing import Any
 from torch import nn
 
 from ...core.config import MethodConfig, check
-from ...core.errors import ConfigError, PeftkitError
 from ...core.registry import Attachment, Controller, MethodSpec, config_from_dict, register
 from ...core.registry import get as get_spec
+from ...errors import ConfigError, PeftkitError
 from .gate import GATEABLE, GatedDelta
 
 

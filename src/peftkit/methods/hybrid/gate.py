@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.delta import Delta
-from ...core.errors import ConfigError
-from ...core.layers import delta_dtype, device_of, is_linear, linear_dims
+from ...core.linear import delta_dtype, device_of, is_linear, linear_dims
+from ...core.protocol import Delta
+from ...errors import ConfigError
 
 GATEABLE = frozenset({"contribution", "transform_output", "transform_input"})
 

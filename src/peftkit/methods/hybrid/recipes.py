@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from ...core import arch
-from ...core.errors import TargetError
-from ...core.layers import linear_dims
+from ...core.linear import linear_dims
+from ...errors import TargetError
 
 
 def hidden_size(model: nn.Module) -> int:

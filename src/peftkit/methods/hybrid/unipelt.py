@@ -22,7 +22,7 @@ from torch import nn
 
 from ...core.config import MethodConfig, check
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import LayerSpec
+from ...core.targets import LayerSpec
 from . import compose
 
 

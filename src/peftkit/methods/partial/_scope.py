@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from ...core.select import head_names, iter_sites, output_head_names
+from ...core.targets import head_names, iter_sites, output_head_names
 
 
 def backbone_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -27,10 +27,10 @@ from torch import nn
 
 from ...core import arch
 from ...core.config import MethodConfig, check
-from ...core.deltas import BiasShift
-from ...core.errors import TargetError
+from ...core.forms.select import BiasShift
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import LayerSpec, Spec, as_entries, select
+from ...core.targets import LayerSpec, Spec, as_entries, select
+from ...errors import TargetError
 from ._scope import backbone_modules, owns
 
 ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")

@@ -25,11 +25,11 @@ from torch import nn
 
 from ...core import arch
 from ...core.config import MethodConfig, check
-from ...core.deltas import TrainableCopy
-from ...core.errors import TargetError
-from ...core.layers import is_quantized
+from ...core.forms.select import TrainableCopy
+from ...core.linear import is_quantized
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import LayerSpec, Spec, iter_sites, parse_layers, select
+from ...core.targets import LayerSpec, Spec, iter_sites, parse_layers, select
+from ...errors import TargetError
 from ._scope import backbone_modules
 
 SLOT = "layer"

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...core.config import SiteConfig
-from ...core.deltas import TrainableCopy
-from ...core.errors import TargetError
+from ...core.forms.select import TrainableCopy
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import select
+from ...core.targets import select
+from ...errors import TargetError
 from ._scope import backbone_modules
 from .ln_tuning_hf import LN_TUNING_CODEC
 

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.errors import ConfigError
 from ...core.registry import HfCodec
+from ...errors import ConfigError
 
 PREFIX = "base_model.model."
 MARK = ".ln_tuning_layers."

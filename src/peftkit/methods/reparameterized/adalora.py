@@ -32,13 +32,13 @@ from torch import nn
 
 from ...core import arch
 from ...core.config import SiteConfig, check
-from ...core.delta import Delta
-from ...core.errors import AdapterStateError, ConfigError
-from ...core.layers import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.registry import config as make_config
-from ...core.select import select
+from ...core.targets import select
 from ...core.tuned import TunedModel
+from ...errors import AdapterStateError, ConfigError
 from .adalora_budget import RankAllocator
 from .adalora_hf import ADALORA_CODEC
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ...core.errors import ConfigError
 from ...core.registry import Controller
+from ...errors import ConfigError
 
 
 def budget_at(n: int, initial: int, target: int, t_init: int, t_final: int, total_steps: int) -> int:

@@ -24,12 +24,12 @@ from torch import nn
 
 from ...core import arch
 from ...core.config import SiteConfig, check
-from ...core.delta import Delta
-from ...core.deltas import BiasShift
-from ...core.errors import ConfigError
-from ...core.layers import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.forms.select import BiasShift
+from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.select import head_names, iter_sites, matches, select
+from ...core.targets import head_names, iter_sites, matches, select
+from ...errors import ConfigError
 from .lora_hf import LORA_CODEC
 
 INITS = ("kaiming", "gaussian", "random")

@@ -27,10 +27,10 @@ from torch import nn
 
 from ...core import registry
 from ...core.config import MethodConfig
-from ...core.errors import ConfigError
-from ...core.layers import is_quantized
+from ...core.linear import is_quantized
 from ...core.registry import Attachment, HfCodec, MethodSpec, register
-from ...core.select import Spec
+from ...core.targets import Spec
+from ...errors import ConfigError
 from ...quant import QuantSpec, quantize
 from ...quant.spec import parse_dtype
 from .lora import LoraConfig

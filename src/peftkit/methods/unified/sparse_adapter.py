@@ -35,11 +35,11 @@ from torch import nn
 
 from ...core import registry
 from ...core.config import MethodConfig, check
-from ...core.errors import AdapterStateError, ConfigError, PeftkitError, did_you_mean
+from ...core.forms.mask import MaskedDelta, default_prunable
 from ...core.registry import Attachment, Controller, MethodSpec, register
-from ...core.select import Spec
+from ...core.targets import Spec
+from ...errors import AdapterStateError, ConfigError, PeftkitError, did_you_mean
 from . import scores as S
-from .mask import MaskedDelta, default_prunable
 
 SCORES = ("snip", "grasp", "magnitude", "random")
 DATA_SCORES = ("snip", "grasp")

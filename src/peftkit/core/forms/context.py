@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.errors import ConfigError
+from ...errors import ConfigError
 
 NAME = "peftkit_kv_prefix"
 KWARG = "peftkit_kv_rows"

@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core import arch
-from ...core.delta import ModelDelta
-from ...core.errors import ConfigError
+from ...errors import ConfigError
+from .. import arch
+from ..protocol import ModelDelta
 from .table import LearnedTable
 
 IGNORE_INDEX = -100

@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .delta import Delta
-from .errors import TargetError
-from .layers import is_quantized
+from ...errors import TargetError
+from ..linear import is_quantized
+from ..protocol import Delta
 
 
 class TrainableCopy(Delta):

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from .errors import TargetError, closest
-from .layers import is_linear
+from ..errors import TargetError, closest
+from .linear import is_linear
 
 Spec = str | Sequence[str] | None
 LayerSpec = int | str | Sequence[int] | None

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import NotMergeableError
+from ..errors import NotMergeableError
 
 HOOKS = ("transform_input", "param_overrides", "contribution", "transform_output")
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ...core.delta import Delta
-from ...core.errors import AdapterFileError, AdapterStateError, ConfigError
-from ...core.select import as_entries
+from ...errors import AdapterFileError, AdapterStateError, ConfigError
+from ..protocol import Delta
+from ..targets import as_entries
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
