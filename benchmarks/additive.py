@@ -52,7 +52,7 @@ class Case:
 
 
 def ours(options: dict) -> Case:
-    tuned = peftkit.attach(load_minilm(), peftkit.config_from_dict(options)).train()
+    tuned = peftkit.attach(load_minilm(), peftkit.config(options)).train()
     return Case(tuned, lambda b: tuned(**b).loss)
 
 

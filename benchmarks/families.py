@@ -49,9 +49,9 @@ def folder_bytes(folder: str) -> int:
 
 
 def build(options: dict) -> peftkit.TunedModel:
-    tuned = peftkit.attach(load_minilm(), peftkit.config_from_dict(options)).train()
-    if peftkit.needs_calibration(tuned):
-        peftkit.calibrate(tuned, [minilm_batch(32, 48, seed=s) for s in (1, 2)])
+    tuned = peftkit.attach(load_minilm(), peftkit.config(options)).train()
+    if tuned.needs_calibration:
+        tuned.calibrate([minilm_batch(32, 48, seed=s) for s in (1, 2)])
     return tuned
 
 
@@ -65,13 +65,13 @@ def train_calibrated(argv: list[str], batches: int = 4) -> int:
 
     def prepare_and_calibrate(job, dist):
         tok, prepared, tuned = prepare(job, dist)
-        if peftkit.needs_calibration(tuned):
+        if tuned.needs_calibration:
             enc, cfg = prepared.train, job.cfg
             order = epoch_batches(enc.lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length,
                                   min_size=1)
             device = next(tuned.parameters()).device
             data = [{k: v.to(device) for k, v in collate(enc, idx, tok.pad_token_id).items()} for idx in order[:batches]]
-            print(f"  calibrated {peftkit.calibrate(tuned, data)} on {len(data)} training batches", flush=True)
+            print(f"  calibrated {tuned.calibrate(data)} on {len(data)} training batches", flush=True)
         return tok, prepared, tuned
 
     run._prepare = prepare_and_calibrate

@@ -79,7 +79,7 @@ def test_masked_singular_values_per_update_and_exact_final_budget():
     sites = len(rank_pattern(tuned))
     initial, target = 4 * sites, round(1.5 * sites)
     kept = train(tuned, OPTIONS["total_steps"])
-    allocator = tuned._controllers["default"]
+    allocator = tuned.controller("default")
     expected_steps = [s for s in range(3, 9) if s % 2 == 0] + [9]  # every delta_t after t_init, then the final
     assert [h[0] for h in allocator.history] == expected_steps
     for step, budget, count in allocator.history:
@@ -128,7 +128,7 @@ def test_pruned_file_loads_exactly(tmp_path):
     loaded = peftkit.load(tiny_bert(), tmp_path / "a")
     assert rank_pattern(loaded) == ranks
     assert torch.equal(logits(loaded), expected)
-    with pytest.raises(peftkit.AdapterFileError):  # a file whose mask disagrees with its tensors is refused
+    with pytest.raises(peftkit.errors.AdapterFileError):  # a file whose mask disagrees with its tensors is refused
         state = loaded.adapter_state("default")
         site = next(iter(ranks))
         state[f"{site}.adalora.mask"] = torch.ones(4, dtype=torch.bool)
@@ -153,12 +153,12 @@ def test_resume_from_saved_adapter_and_controller_state_is_exact(tmp_path, stop)
     train(reference, stop, optimizer=optimizer)
     reference.save(tmp_path / "a")
     opt_state = copy.deepcopy(optimizer.state_dict())  # what a checkpoint holds
-    ctl_state = copy.deepcopy(reference._controllers["default"].state_dict())
+    ctl_state = copy.deepcopy(reference.controller("default").state_dict())
     train(reference, 12, start=stop, optimizer=optimizer)
     resumed = peftkit.load(tiny_bert(), tmp_path / "a", trainable=True)
     optimizer = torch.optim.AdamW(resumed.trainable_parameters(), lr=1e-2)
     optimizer.load_state_dict(opt_state)
-    resumed._controllers["default"].load_state_dict(ctl_state)
+    resumed.controller("default").load_state_dict(ctl_state)
     train(resumed, 12, start=stop, optimizer=optimizer)
     assert rank_pattern(resumed) == rank_pattern(reference)
     assert torch.equal(logits(resumed), logits(reference))
@@ -194,16 +194,16 @@ def test_convert_beside_keeps_adalora_and_rejects_other_methods():
     expected = logits(tuned)
     tuned.activate("plain")
     torch.testing.assert_close(logits(tuned), expected, atol=1e-5, rtol=0)
-    with pytest.raises(peftkit.ConfigError, match="adalora"):
+    with pytest.raises(peftkit.errors.ConfigError, match="adalora"):
         convert_to_lora(tuned, "plain")
 
 
 def test_update_contract_and_errors():
-    with pytest.raises(peftkit.ConfigError, match="total_steps"):
+    with pytest.raises(peftkit.errors.ConfigError, match="total_steps"):
         peftkit.config("adalora")
-    with pytest.raises(peftkit.ConfigError, match="budgeting phase"):
+    with pytest.raises(peftkit.errors.ConfigError, match="budgeting phase"):
         peftkit.config("adalora", total_steps=10, t_init=5, t_final=5)
-    with pytest.raises(peftkit.ConfigError, match="exceeds"):
+    with pytest.raises(peftkit.errors.ConfigError, match="exceeds"):
         adalora(budget=100)
     tuned = adalora()
     tuned.set_trainable(None)  # a frozen adapter is not reallocated
@@ -211,7 +211,7 @@ def test_update_contract_and_errors():
         tuned.update(step)
     assert sum(rank_pattern(tuned).values()) == 4 * 4
     tuned.set_trainable("default")
-    with pytest.raises(peftkit.ConfigError, match="optimizer step"):
+    with pytest.raises(peftkit.errors.ConfigError, match="optimizer step"):
         tuned.update(-1)
 
 
@@ -228,7 +228,7 @@ def test_driven_by_transformers_trainer_callback(tmp_path):
                                           remove_unused_columns=False)
     trainer = transformers.Trainer(model=tuned, args=args, train_dataset=rows, callbacks=[PeftkitCallback()])
     trainer.train()
-    allocator = tuned._controllers["default"]
+    allocator = tuned.controller("default")
     assert [h[0] for h in allocator.history] == [4, 6, 8, 9]  # same schedule as the plain loop
     assert sum(rank_pattern(tuned).values()) == round(1.5 * 4)
 
@@ -243,7 +243,7 @@ def test_driven_by_peftkit_trainer(tmp_path):
     data = Prepared("classification", Encoded.from_lists(seqs, [i % 2 for i in range(8)], per_token=False), None)
     cfg = TrainConfig(max_steps=12, batch_size=4, lr=1e-2, warmup=0, schedule="constant", progress=False).resolved()
     Trainer(tuned, data, cfg, out=tmp_path, pad_id=0).fit()
-    allocator = tuned._controllers["default"]
+    allocator = tuned.controller("default")
     assert [h[0] for h in allocator.history] == [4, 6, 8, 9]
     assert sum(rank_pattern(tuned).values()) == round(1.5 * 4)
     assert (tmp_path / "checkpoint").is_dir() and any((tmp_path / "checkpoint").glob("controller.*"))

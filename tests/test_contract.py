@@ -89,7 +89,7 @@ def test_disabled_is_exact_base(method, model_name, options):
 @pytest.mark.parametrize("fmt", ["peftkit", "hf-peft"])
 def test_save_load_exact(method, model_name, options, fmt, tmp_path):
     if fmt == "hf-peft" and get_spec(method).hf is None:
-        with pytest.raises(peftkit.AdapterFileError):
+        with pytest.raises(peftkit.errors.AdapterFileError):
             make(method, model_name, options).save(tmp_path / "a", format=fmt)
         return
     if fmt == "hf-peft" and method in ("prefix_tuning", "prompt_tuning", "p_tuning") and model_name == "bert":
@@ -113,7 +113,7 @@ def test_merge_unmerge(method, model_name, options):
     expected = run(tuned, inputs)
     try:
         tuned.merge_adapter()
-    except peftkit.NotMergeableError:
+    except peftkit.errors.NotMergeableError:
         assert all(torch.equal(v, base_state(tuned)[k]) for k, v in before.items()), "a refused merge changed weights"
         return
     torch.testing.assert_close(run(tuned, inputs), expected, atol=1e-5, rtol=0)
@@ -136,7 +136,7 @@ def test_mixed_adapter_batch(method, model_name, options):
     inputs = batch(model_name, batch_size=4)
     routing = ["a", "b", None, "a"]
     if "a" in tuned.model_deltas:  # virtual tokens / prefixes cannot be routed per sample
-        with pytest.raises(peftkit.AdapterStateError):
+        with pytest.raises(peftkit.errors.AdapterStateError):
             run(tuned, inputs, adapter_names=routing)
         return
     mixed = run(tuned, inputs, adapter_names=routing)

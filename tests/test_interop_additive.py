@@ -152,7 +152,7 @@ def test_unshifted_encoder_adapter_refuses_the_peft_format(method, tmp_path):
     """Real tokens kept at their own positions (prefix_tuning's and p_tuning's default on BERT): PEFT
     always shifts them, so writing the PEFT format is refused."""
     tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config(method, **OURS[method], shift_positions=False))
-    with pytest.raises(peftkit.ConfigError, match="shift_positions=True"):
+    with pytest.raises(peftkit.errors.ConfigError, match="shift_positions=True"):
         tuned.save(tmp_path / "hf", format="hf-peft")
     assert not (tmp_path / "hf").exists()
     tuned.save(tmp_path / "ours")  # its own format keeps it

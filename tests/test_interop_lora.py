@@ -81,6 +81,6 @@ def test_unsupported_peft_option_is_refused_cleanly(tmp_path):
     model.save_pretrained(tmp_path / "peft")
     fresh = BUILDERS["llama"]()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with pytest.raises(peftkit.AdapterFileError, match="lora_bias"):
+    with pytest.raises(peftkit.errors.AdapterFileError, match="lora_bias"):
         peftkit.load(fresh, tmp_path / "peft")
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())

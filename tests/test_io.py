@@ -55,7 +55,7 @@ def test_overwrite_replaces_atomically_and_refuses_foreign_folders(tmp_path):
     assert json.loads((tmp_path / "a" / "adapter.json").read_text())["config"]["r"] == 2
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(peftkit.AdapterFileError, match="refusing to overwrite"):
+    with pytest.raises(peftkit.errors.AdapterFileError, match="refusing to overwrite"):
         second.save(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -63,7 +63,7 @@ def test_overwrite_replaces_atomically_and_refuses_foreign_folders(tmp_path):
 def test_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     trained().save(tmp_path / "a")
     before = (tmp_path / "a" / "adapter.safetensors").read_bytes()
-    import peftkit.core.io as io
+    from peftkit.core.files import peftkit_format as io
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
@@ -120,7 +120,7 @@ def test_damaged_files_are_refused(tmp_path, damage, message):
     damage(tmp_path / "a")
     model = tiny_llama()
     snap = snapshot(model)
-    with pytest.raises(peftkit.AdapterFileError, match=message):
+    with pytest.raises(peftkit.errors.AdapterFileError, match=message):
         peftkit.load(model, tmp_path / "a")
     assert_untouched(model, snap)
 
@@ -129,7 +129,7 @@ def test_wrong_base_model_is_refused(tmp_path):
     trained().save(tmp_path / "a")
     other = tiny_bert()
     snap = snapshot(other)
-    with pytest.raises(peftkit.AdapterFileError, match="does not fit this model"):
+    with pytest.raises(peftkit.errors.AdapterFileError, match="does not fit this model"):
         peftkit.load(other, tmp_path / "a")
     assert_untouched(other, snap)
 
@@ -142,7 +142,7 @@ def test_same_architecture_different_weights_is_refused(tmp_path):
         for p in model.parameters():
             p.mul_(3.0)
     snap = snapshot(model)
-    with pytest.raises(peftkit.AdapterFileError, match="differs from the adapter's base"):
+    with pytest.raises(peftkit.errors.AdapterFileError, match="differs from the adapter's base"):
         peftkit.load(model, tmp_path / "a")
     assert_untouched(model, snap)
     tuned = peftkit.load(model, tmp_path / "a", check_base=False)
@@ -175,7 +175,7 @@ def test_missing_extra_and_misshapen_tensors(tmp_path):
         (tmp_path / "a" / "adapter.json").write_text(json.dumps(meta))
         model = tiny_llama()
         snap = snapshot(model)
-        with pytest.raises(peftkit.AdapterFileError, match=message):
+        with pytest.raises(peftkit.errors.AdapterFileError, match=message):
             peftkit.load(model, tmp_path / "a")
         assert_untouched(model, snap)
 
@@ -188,7 +188,7 @@ def test_refused_load_onto_a_tuned_model_keeps_its_adapters(tmp_path):
     with torch.no_grad():
         before = output_tensor(tuned(**inputs))
     flags = {k: p.requires_grad for k, p in tuned.named_parameters()}
-    with pytest.raises(peftkit.AdapterFileError):
+    with pytest.raises(peftkit.errors.AdapterFileError):
         peftkit.load(tuned, tmp_path / "a")
     assert tuned.adapters == ["mine"] and tuned.active_adapters == ("mine",)
     assert {k: p.requires_grad for k, p in tuned.named_parameters()} == flags
@@ -216,12 +216,12 @@ def test_several_adapters_in_one_folder(tmp_path):
 
 
 def test_missing_folder_and_unknown_layout(tmp_path):
-    with pytest.raises(peftkit.AdapterFileError, match="does not exist"):
+    with pytest.raises(peftkit.errors.AdapterFileError, match="does not exist"):
         peftkit.load(tiny_llama(), tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(peftkit.AdapterFileError, match="holds no adapter"):
+    with pytest.raises(peftkit.errors.AdapterFileError, match="holds no adapter"):
         peftkit.load(tiny_llama(), tmp_path / "empty")
-    with pytest.raises(peftkit.AdapterFileError, match="unknown format"):
+    with pytest.raises(peftkit.errors.AdapterFileError, match="unknown format"):
         trained().save(tmp_path / "x", format="onnx")
 
 

@@ -38,11 +38,11 @@ def test_bitfit_subset_query_and_ffn_intermediate(biases):
 
 
 def test_bitfit_errors_name_the_problem():
-    with pytest.raises(peftkit.TargetError, match="no bias"):
+    with pytest.raises(peftkit.errors.TargetError, match="no bias"):
         peftkit.attach(BUILDERS["llama"](), peftkit.config("bitfit"))
-    with pytest.raises(peftkit.TargetError, match="fused"):
+    with pytest.raises(peftkit.errors.TargetError, match="fused"):
         peftkit.attach(BUILDERS["gpt2"](), peftkit.config("bitfit", biases=["query"]))
-    with pytest.raises(peftkit.TargetError, match="quer"):
+    with pytest.raises(peftkit.errors.TargetError, match="quer"):
         peftkit.attach(BUILDERS["bert"](), peftkit.config("bitfit", biases=["qeury.dense"]))
 
 
@@ -52,7 +52,7 @@ def test_ln_tuning_selects_every_norm(model_name):
     norms = [n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()]
     tuned = peftkit.attach(model, peftkit.config("ln_tuning"))
     assert [s for s in tuned.sites("default") if s != "classifier"] == norms
-    with pytest.raises(peftkit.TargetError, match="normalisation"):
+    with pytest.raises(peftkit.errors.TargetError, match="normalisation"):
         peftkit.attach(BUILDERS[model_name](), peftkit.config("ln_tuning", targets=["re:.*layers?\\.0\\..*proj"
                                                                                     if model_name == "llama"
                                                                                     else "query"]))
@@ -69,7 +69,7 @@ def test_layer_tuning_covers_whole_blocks():
     tuned_names = {s for s in both.sites("default")}
     assert "bert.pooler.dense" in tuned_names and "bert.encoder.layer.0.attention.self.query" in tuned_names
     assert not any(s.startswith("bert.embeddings") for s in tuned_names)
-    with pytest.raises(peftkit.ConfigError, match="last_k"):
+    with pytest.raises(peftkit.errors.ConfigError, match="last_k"):
         peftkit.config("layer_tuning", last_k=0)
 
 

@@ -41,9 +41,9 @@ def test_magnitude_prune_per_layer_and_global():
     report = prune.magnitude_prune(model, 0.3, scope="global")
     assert abs(report.sparsity - 0.3) < 0.01 and len({round(s.sparsity, 2) for s in report.layers}) > 1
     assert all(torch.equal(m.bias, biases[n]) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
-    with pytest.raises(peftkit.ConfigError, match="sparsity"):
+    with pytest.raises(peftkit.errors.ConfigError, match="sparsity"):
         prune.magnitude_prune(tiny_llama(), 1.0)
-    with pytest.raises(peftkit.ConfigError, match="scope"):
+    with pytest.raises(peftkit.errors.ConfigError, match="scope"):
         prune.magnitude_prune(tiny_llama(), 0.5, scope="net")
 
 
@@ -59,9 +59,9 @@ def test_nm_prune_two_of_four():
         kept_min = torch.where(new != 0, old.abs(), torch.inf).amin(-1)
         dropped_max = torch.where(new == 0, old.abs(), -torch.inf).amax(-1)
         assert (kept_min >= dropped_max).all()
-    with pytest.raises(peftkit.ConfigError, match="0 < n < m"):
+    with pytest.raises(peftkit.errors.ConfigError, match="0 < n < m"):
         prune.nm_prune(tiny_llama(), 4, 4)
-    with pytest.raises(peftkit.ConfigError, match="divisible by 5"):
+    with pytest.raises(peftkit.errors.ConfigError, match="divisible by 5"):
         prune.nm_prune(tiny_llama(), 2, 5)
 
 
@@ -116,13 +116,13 @@ def test_prune_channels_equals_silencing_them(builder, name, tmp_path):
 
 
 def test_structured_errors():
-    with pytest.raises(peftkit.TargetError, match="fused qkv"):
+    with pytest.raises(peftkit.errors.TargetError, match="fused qkv"):
         prune.prune_heads(tiny_gpt2(), 0.5)
-    with pytest.raises(peftkit.ConfigError, match="exactly one"):
+    with pytest.raises(peftkit.errors.ConfigError, match="exactly one"):
         prune.prune_channels(tiny_llama())
-    with pytest.raises(peftkit.ConfigError, match="can remove"):
+    with pytest.raises(peftkit.errors.ConfigError, match="can remove"):
         prune.prune_heads(tiny_bert(), count=4)
-    with pytest.raises(peftkit.TargetError, match="prune the full-precision model first"):
+    with pytest.raises(peftkit.errors.TargetError, match="prune the full-precision model first"):
         prune.magnitude_prune(quantize(tiny_llama(), "nf4"), 0.5)
 
 

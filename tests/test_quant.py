@@ -161,22 +161,22 @@ def test_quantize_options_and_errors():
     quantize(model, "nf4")  # the rest; the int8 layers are left as they are
     assert model.model.layers[0].self_attn.q_proj.spec.scheme == "int8"
     assert model.model.layers[1].self_attn.q_proj.spec.scheme == "nf4"
-    with pytest.raises(peftkit.ConfigError, match="scheme must be one of"):
+    with pytest.raises(peftkit.errors.ConfigError, match="scheme must be one of"):
         quantize(tiny_llama(), "nf3")
-    with pytest.raises(peftkit.ConfigError, match="blocksize"):
+    with pytest.raises(peftkit.errors.ConfigError, match="blocksize"):
         quantize(tiny_llama(), "nf4", blocksize=48)
-    with pytest.raises(peftkit.ConfigError, match="compute_dtype"):
+    with pytest.raises(peftkit.errors.ConfigError, match="compute_dtype"):
         quantize(tiny_llama(), "nf4", compute_dtype="int8")
-    with pytest.raises(peftkit.TargetError, match="matches no module"):
+    with pytest.raises(peftkit.errors.TargetError, match="matches no module"):
         quantize(tiny_llama(), "nf4", targets=["q_prj"])
-    with pytest.raises(peftkit.TargetError, match="share their weight"):
+    with pytest.raises(peftkit.errors.TargetError, match="share their weight"):
         quantize(tiny_llama(), "nf4", targets=["lm_head"])
 
 
 def test_bitsandbytes_backend_missing_is_a_clear_error(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
-    with pytest.raises(peftkit.ConfigError, match="pip install 'peftkit\\[bnb\\]'"):
+    with pytest.raises(peftkit.errors.ConfigError, match="pip install 'peftkit\\[bnb\\]'"):
         quantize(tiny_llama(), "nf4", backend="bitsandbytes")
 
 

@@ -53,7 +53,7 @@ def test_load_quantized_errors(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(LoadError, match="no model.safetensors"):
         load_quantized(tmp_path, "nf4")
-    with pytest.raises(peftkit.ConfigError):
+    with pytest.raises(peftkit.errors.ConfigError):
         load_quantized(tmp_path, "nf5")
 
 

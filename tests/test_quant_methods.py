@@ -51,8 +51,8 @@ def test_every_method_trains_on_a_quantized_base(method):
         return
     tuned = peftkit.attach(model, config)
     inputs = batch("llama")
-    if peftkit.needs_calibration(tuned):
-        peftkit.calibrate(tuned, [inputs])
+    if tuned.needs_calibration:
+        tuned.calibrate([inputs])
     optimizer = torch.optim.AdamW(tuned.trainable_parameters(), lr=2e-2)
     tuned.train()
     losses = []
@@ -125,9 +125,9 @@ def test_qlora_options_hf_format_and_direct_build(tmp_path):
     assert reloaded.config_of("default").method == "lora"  # a PEFT LORA file reads back as lora
     inputs = batch("llama")
     assert torch.equal(run(reloaded, inputs), run(tuned, inputs))
-    with pytest.raises(peftkit.ConfigError, match="quant_type|scheme"):
+    with pytest.raises(peftkit.errors.ConfigError, match="quant_type|scheme"):
         peftkit.config("qlora", quant_type="nf2")
-    with pytest.raises(peftkit.ConfigError, match="needs a quantized base"):
+    with pytest.raises(peftkit.errors.ConfigError, match="needs a quantized base"):
         peftkit.config("qlora").__class__  # noqa: B018 - config is fine; building without prepare is not
         from peftkit.core.registry import get
 

@@ -43,25 +43,25 @@ def test_layer_ranges():
 
 
 def test_no_match_names_closest_modules():
-    with pytest.raises(peftkit.TargetError, match="q_proj") as err:
+    with pytest.raises(peftkit.errors.TargetError, match="q_proj") as err:
         select(tiny_llama(), ["q_projj"])
     assert "Closest module names" in str(err.value)
-    with pytest.raises(peftkit.TargetError) as err:
+    with pytest.raises(peftkit.errors.TargetError) as err:
         select(tiny_llama(), ["q_proj", "nothing_here", "vproj"])
     message = str(err.value)
     assert "nothing_here" in message and "vproj" in message and "v_proj" in message  # all problems at once
-    with pytest.raises(peftkit.TargetError, match="exclude"):
+    with pytest.raises(peftkit.errors.TargetError, match="exclude"):
         select(tiny_llama(), ["q_proj"], exclude=["nope"])
-    with pytest.raises(peftkit.TargetError, match="out of range"):
+    with pytest.raises(peftkit.errors.TargetError, match="out of range"):
         select(tiny_llama(), ["q_proj"], layers=[7])
-    with pytest.raises(peftkit.TargetError, match="select nothing"):
+    with pytest.raises(peftkit.errors.TargetError, match="select nothing"):
         select(tiny_llama(), ["lm_head"], layers=[0])
-    with pytest.raises(peftkit.TargetError, match="invalid regular expression"):
+    with pytest.raises(peftkit.errors.TargetError, match="invalid regular expression"):
         select(tiny_llama(), ["re:(["])
 
 
 def test_unsupported_module_types_are_explained():
-    with pytest.raises(peftkit.TargetError, match="cannot adapt"):
+    with pytest.raises(peftkit.errors.TargetError, match="cannot adapt"):
         peftkit.attach(tiny_llama(), peftkit.config("lora", targets=["self_attn"]))
 
 

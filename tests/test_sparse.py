@@ -21,8 +21,8 @@ def _masks(tuned, name="default"):
 
 def _calibrated(model_name, **options):
     tuned = peftkit.attach(BUILDERS[model_name](), peftkit.config("sparse_adapter", **{**LORA, **options}))
-    if peftkit.needs_calibration(tuned):
-        peftkit.calibrate(tuned, [batch(model_name, seed=s) for s in (11, 12)])
+    if tuned.needs_calibration:
+        tuned.calibrate([batch(model_name, seed=s) for s in (11, 12)])
     return tuned
 
 
@@ -75,8 +75,8 @@ def test_snip_waits_for_data_then_matches_its_definition():
                             score="snip", sparsity=0.5)
     tuned = peftkit.attach(model, config)
     inputs = batch("plain")
-    assert peftkit.needs_calibration(tuned) == ["default"]
-    with pytest.raises(peftkit.AdapterStateError, match="calibrate"):
+    assert tuned.needs_calibration == ["default"]
+    with pytest.raises(peftkit.errors.AdapterStateError, match="calibrate"):
         tuned(**inputs)
     dense = {f"{i}/{n}": d.dense(n).detach().clone() for i, d in enumerate(masked_deltas(tuned, "default"))
              for n in d.prunable}
@@ -96,8 +96,8 @@ def test_snip_waits_for_data_then_matches_its_definition():
         d.calibrating = False
     scores = {k: (g.view(w.shape) * w).abs() for (k, w), g in zip(dense.items(), grads, strict=True)}
     expected = S.select_masks(scores, 0.5, "global", 0)
-    peftkit.calibrate(tuned, [inputs], loss_fn=loss_fn)
-    assert peftkit.needs_calibration(tuned) == []
+    tuned.calibrate([inputs], loss_fn=loss_fn)
+    assert tuned.needs_calibration == []
     got = {f"{i}/{n}": d.mask(n) for i, d in enumerate(deltas) for n in d.prunable}
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     tuned(**inputs)  # runs now
@@ -158,11 +158,11 @@ def test_pack_roundtrip_and_config_errors():
         packed = pack_mask(mask)
         assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
         assert torch.equal(unpack_mask(packed, shape), mask)
-    with pytest.raises(peftkit.ConfigError, match="removed"):
+    with pytest.raises(peftkit.errors.ConfigError, match="removed"):
         peftkit.config("sparse_adapter", base="lora", sparsity=1.2)
-    with pytest.raises(peftkit.ConfigError, match="lora"):
+    with pytest.raises(peftkit.errors.ConfigError, match="lora"):
         peftkit.config("sparse_adapter", base="lroa")
-    with pytest.raises(peftkit.ConfigError, match="base_options"):
+    with pytest.raises(peftkit.errors.ConfigError, match="base_options"):
         peftkit.config("sparse_adapter", base="lora", base_options={"rank": 4})
     assert isinstance(MaskedDelta, type)
 
@@ -172,8 +172,8 @@ def test_two_sparse_parts_in_one_adapter_keep_their_own_settings():
              {"method": "sparse_adapter", "base": "parallel_adapter", "score": "snip", "sparsity": 0.9,
               "base_options": {"bottleneck": 8}}]
     tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config("compose", parts=parts))
-    assert peftkit.needs_calibration(tuned) == ["default"]
-    peftkit.calibrate(tuned, [batch("bert")])
+    assert tuned.needs_calibration == ["default"]
+    tuned.calibrate([batch("bert")])
     for part in tuned.config_of("default").parts:
         pairs = [(d, n) for d in masked_deltas(tuned, "default", part) for n in d.prunable]
         total = sum(d.mask(n).numel() for d, n in pairs)

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from peftkit import cli
-from peftkit.core import registry as peftkit_registry
 from peftkit.errors import ConfigError
 from peftkit.train.config import TrainConfig, from_mapping, load_file, parse_options
+from peftkit.train.recipes import recipe
 from peftkit.train.trainer import lr_factor
 
 
@@ -89,13 +89,13 @@ def test_default_method_is_lora_with_its_training_options() -> None:
 
 
 def test_method_recommended_learning_rate_is_the_default_and_flags_win():
-    assert TrainConfig(method="ia3").resolved().lr == peftkit_registry.recommended_lr("ia3") == 1e-2
+    assert TrainConfig(method="ia3").resolved().lr == recipe("ia3").lr == 1e-2
     assert TrainConfig(method="ia3", lr=1e-4).resolved().lr == 1e-4
     assert TrainConfig(method="lora").resolved().lr == 1e-3  # no recommendation: the task default
     assert TrainConfig(method="lora", task="instruction").resolved().lr == 2e-3
     assert TrainConfig(method="ia3", task="instruction").resolved().lr == 1e-2  # the method's rate first
     assert TrainConfig().resolved().head_lr is None  # LoRA: the head trains at lr
-    assert TrainConfig(method="prefix_tuning").resolved().head_lr == peftkit_registry.recommended_head_lr("prefix_tuning")
+    assert TrainConfig(method="prefix_tuning").resolved().head_lr == recipe("prefix_tuning").head_lr == 1e-2
     assert TrainConfig(method="prefix_tuning", head_lr=3e-3).resolved().head_lr == 3e-3
 
 

@@ -170,11 +170,11 @@ def test_data_calibrated_method_is_calibrated_before_training(tmp_path, bert_dir
 def test_head_lr_puts_the_task_head_in_its_own_group(bert_dir) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from peftkit.train.trainer import param_groups
+    from peftkit.train.trainer import head_parameters, param_groups
 
     tuned = peftkit.attach(AutoModelForSequenceClassification.from_pretrained(bert_dir), peftkit.config("prefix_tuning"))
     params = [p for p in tuned.parameters() if p.requires_grad]
-    head = tuned.head_parameters()
+    head = head_parameters(tuned)
     assert head and {p.shape for p in head} == {p.shape for p in tuned.model.classifier.parameters()}
     one = param_groups(tuned, params, "default", TrainConfig(lr=1e-3).resolved())
     assert len(one) == 1 and len(one[0]["params"]) == len(params)

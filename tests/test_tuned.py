@@ -150,11 +150,11 @@ def test_merged_state_guards():
     tuned.activate("a")
     tuned.merge_adapter()
     assert tuned.merged_adapters == ("a",)
-    with pytest.raises(peftkit.AdapterStateError, match="unmerge"), tuned.disabled():
+    with pytest.raises(peftkit.errors.AdapterStateError, match="unmerge"), tuned.disabled():
         pass
-    with pytest.raises(peftkit.AdapterStateError, match="unmerged"):
+    with pytest.raises(peftkit.errors.AdapterStateError, match="unmerged"):
         logits(tuned, batch("llama"), adapter_names=["a", "b", None])
-    with pytest.raises(peftkit.AdapterStateError, match="unmerge"):
+    with pytest.raises(peftkit.errors.AdapterStateError, match="unmerge"):
         tuned.delete("a")
     tuned.unmerge_adapter()
     assert tuned.merged_adapters == ()
@@ -162,34 +162,34 @@ def test_merged_state_guards():
 
 def test_user_errors_are_clear():
     tuned = two_adapters()
-    with pytest.raises(peftkit.AdapterStateError, match="no adapter named 'c'"):
+    with pytest.raises(peftkit.errors.AdapterStateError, match="no adapter named 'c'"):
         tuned.activate("c")
-    with pytest.raises(peftkit.AdapterStateError, match="already exists"):
+    with pytest.raises(peftkit.errors.AdapterStateError, match="already exists"):
         peftkit.attach(tuned, peftkit.config("lora"), name="a")
-    with pytest.raises(peftkit.ConfigError, match="letters"):
+    with pytest.raises(peftkit.errors.ConfigError, match="letters"):
         peftkit.attach(tuned, peftkit.config("lora"), name="has.dot")
-    with pytest.raises(peftkit.ConfigError, match="one weight per adapter"):
+    with pytest.raises(peftkit.errors.ConfigError, match="one weight per adapter"):
         tuned.activate(["a", "b"], weights=[1.0])
-    with pytest.raises(peftkit.AdapterStateError, match="one adapter name"):
+    with pytest.raises(peftkit.errors.AdapterStateError, match="one adapter name"):
         logits(tuned, batch("llama", batch_size=3), adapter_names=["a", "b"])
-    with pytest.raises(peftkit.AdapterStateError, match="no adapter named"):
+    with pytest.raises(peftkit.errors.AdapterStateError, match="no adapter named"):
         logits(tuned, batch("llama"), adapter_names=["a", "zzz", None])
-    with pytest.raises(peftkit.AdapterStateError, match="already a TunedModel"):
+    with pytest.raises(peftkit.errors.AdapterStateError, match="already a TunedModel"):
         peftkit.TunedModel(tuned)
 
 
 def test_config_validation_and_registry():
     assert "lora" in peftkit.methods()
-    with pytest.raises(peftkit.ConfigError, match="Did you mean: alpha"):
+    with pytest.raises(peftkit.errors.ConfigError, match="Did you mean: alpha"):
         peftkit.config("lora", alpah=8)
-    with pytest.raises(peftkit.ConfigError, match="r must be a positive integer") as err:
+    with pytest.raises(peftkit.errors.ConfigError, match="r must be a positive integer") as err:
         peftkit.config("lora", r=0, dropout=2.0)
     assert "dropout" in str(err.value)  # every problem reported at once
-    with pytest.raises(peftkit.ConfigError, match="Did you mean: lora"):
+    with pytest.raises(peftkit.errors.ConfigError, match="Did you mean: lora"):
         peftkit.config("loraa")
     cfg = peftkit.config("lora", targets=["q_proj", "v_proj"], r=4)
     assert cfg.targets == ("q_proj", "v_proj")
-    assert peftkit.config_from_dict(cfg.to_dict()) == cfg
+    assert peftkit.config(cfg.to_dict()) == cfg
     assert cfg.replace(r=8).r == 8 and cfg.r == 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.r = 3

@@ -5,45 +5,20 @@
     tuned = peftkit.attach(model, cfg)
     tuned.save("out/adapter")
     tuned = peftkit.load(model, "out/adapter")
+
+Errors are in `peftkit.errors` (every one a `PeftkitError`); training in `peftkit.train`, quantized
+and pruned bases in `peftkit.quant` and `peftkit.prune`.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from . import errors
+from . import methods as _methods  # noqa: F401  (registers every method)
+from .core.loading import load
+from .core.registry import config, methods
+from .core.tuned import TunedModel, attach
+from .errors import PeftkitError
+from .quant import quantize
+from .version import __version__
 
-from . import methods as _methods  # noqa: F401,E402  (registers every method)
-from .core.calibrate import calibrate, needs_calibration  # noqa: E402
-from .core.config import MethodConfig  # noqa: E402
-from .core.io import load  # noqa: E402
-from .core.registry import config, config_from_dict, methods  # noqa: E402
-from .core.tuned import Summary, TunedModel, attach  # noqa: E402
-from .errors import (  # noqa: E402
-    AdapterFileError,
-    AdapterStateError,
-    ConfigError,
-    NotMergeableError,
-    PeftkitError,
-    TargetError,
-)
-from .quant import quantize  # noqa: E402
-
-__all__ = [
-    "AdapterFileError",
-    "AdapterStateError",
-    "ConfigError",
-    "MethodConfig",
-    "NotMergeableError",
-    "PeftkitError",
-    "Summary",
-    "TargetError",
-    "TunedModel",
-    "__version__",
-    "attach",
-    "calibrate",
-    "config",
-    "config_from_dict",
-    "load",
-    "methods",
-    "needs_calibration",
-    "quantize",
-]
+__all__ = ["PeftkitError", "TunedModel", "__version__", "attach", "config", "errors", "load", "methods", "quantize"]

@@ -1,4 +1,4 @@
-"""Method registry: name → (family, config class, builder, optional PEFT-format codec).
+"""Method registry: name → (family, config class, builder, optional PEFT-format codec, recipe).
 
 Methods register themselves when `peftkit.methods` is imported; the core only ever looks them up.
 `peftkit.config("lora", r=8)` and a YAML ``method: lora`` block reach the same place.
@@ -6,7 +6,7 @@ Methods register themselves when `peftkit.methods` is imported; the core only ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigError, did_you_mean
 from .config import MethodConfig, build_config
-from .protocol import Delta, ModelDelta
+from .protocol import Controller, Delta, ModelDelta
 
 FAMILIES = ("additive", "reparameterized", "partial", "hybrid", "unified")
 
@@ -29,42 +29,26 @@ class Attachment:
 
     def add(self, site: str, slot: str, delta: Delta) -> None:
         slots = self.sites.setdefault(site, {})
-        key, n = slot, 1
-        while key in slots:  # two parts of a composition at one site
-            key, n = f"{slot}_{n}", n + 1
-        slots[key] = delta
+        slots[_free_key(slots, slot)] = delta  # two parts of a composition at one site get slot, slot_1, ...
 
     def extend(self, other: Attachment) -> None:
         for site, slots in other.sites.items():
             for slot, delta in slots.items():
                 self.add(site, slot, delta)
         for slot, delta in other.model_deltas.items():
-            key, n = slot, 1
-            while key in self.model_deltas:
-                key, n = f"{slot}_{n}", n + 1
-            self.model_deltas[key] = delta
+            self.model_deltas[_free_key(self.model_deltas, slot)] = delta
+
+
+def _free_key(taken: Mapping[str, Any], key: str) -> str:
+    name, n = key, 1
+    while name in taken:
+        name, n = f"{key}_{n}", n + 1
+    return name
 
 
 Builder = Callable[[nn.Module, Any], Attachment]
 
 
-class Controller:
-    """Per-adapter training-time logic a method may need (e.g. rank reallocation).
-
-    A trainer calls ``tuned.update(step)`` after each optimizer step and before gradients are
-    zeroed; the TunedModel forwards it to the controller of every trainable adapter.
-    """
-
-    def update(self, tuned: Any, name: str, step: int) -> None:  # pragma: no cover - default no-op
-        return None
-
-    def needs_calibration(self, tuned: Any, name: str) -> bool:
-        """Whether adapter `name` must see data (`calibrate`) before it can train or be saved."""
-        return False
-
-    def calibrate(self, tuned: Any, name: str, batches: Any, loss_fn: Any = None) -> None:
-        """One-off, data-driven set-up before training (e.g. pruning masks scored on a few batches)."""
-        return None
 Tensors = dict[str, torch.Tensor]
 
 
@@ -98,21 +82,9 @@ class MethodSpec:
     # (e.g. a recipe that quantizes it). Runs on every attach, so it must be idempotent; `build`
     # itself never changes the model.
     prepare: Callable[[nn.Module, Any], None] | None = None
-    # Peak learning rate the method's paper (or short-run measurement) recommends; trainers use
-    # it when the user gives none. None: the trainer's task default.
-    lr: float | None = None
-    # Peak rate for a new task head (a classifier), where it should differ from `lr`: methods that
-    # leave the features almost unchanged at init wait on the head, which then has to move faster.
-    head_lr: float | None = None
-    # Options trainers start from (the user's options override them), where a training run is best
-    # served by something other than the method's minimal default (e.g. wider placement).
-    train_options: dict[str, Any] | None = None
-    # Dropout probability trainers give the frozen base model (None: the model's own). A method whose
-    # trainable signal reaches the head smaller than the base's dropout noise learns better without it.
-    base_dropout: float | None = None
-    # Whether trainers fit a *new* task head on the attached, untrained model's features before training
-    # (train/probe.py): for methods that move the features too little to wait for a random head to grow.
-    probe_head: bool = False
+    # The method's recommended training settings, read by trainers (`peftkit.train.recipes`): keys of
+    # `Recipe` (lr, head_lr, options, base_dropout, probe_head). The engine never reads it.
+    recipe: Mapping[str, Any] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -138,36 +110,6 @@ def get(name: str) -> MethodSpec:
     return _METHODS[name]
 
 
-def recommended_lr(name: str | None) -> float | None:
-    """The registered method's recommended learning rate (None if it has none or is unknown)."""
-    spec = _METHODS.get(name) if name else None
-    return spec.lr if spec else None
-
-
-def recommended_head_lr(name: str | None) -> float | None:
-    """The registered method's recommended task-head learning rate (None: the same as its lr)."""
-    spec = _METHODS.get(name) if name else None
-    return spec.head_lr if spec else None
-
-
-def recommended_base_dropout(name: str | None) -> float | None:
-    """The registered method's recommended dropout for the frozen base (None: the model's own)."""
-    spec = _METHODS.get(name) if name else None
-    return spec.base_dropout if spec else None
-
-
-def recommended_probe_head(name: str | None) -> bool:
-    """Whether the registered method asks trainers to fit a new task head before training."""
-    spec = _METHODS.get(name) if name else None
-    return bool(spec and spec.probe_head)
-
-
-def recommended_options(name: str | None) -> dict[str, Any]:
-    """Options a trainer starts from for the registered method `name` (empty if none or unknown)."""
-    spec = _METHODS.get(name) if name else None
-    return dict(spec.train_options or {}) if spec else {}
-
-
 def by_peft_type(peft_type: str) -> MethodSpec:
     """The method that reads PEFT adapters of `peft_type`. Recipes may write another method's type
     (qlora writes LORA); reading prefers the method named like the type."""
@@ -187,15 +129,18 @@ def specs() -> list[MethodSpec]:
     return [_METHODS[n] for n in methods()]
 
 
-def config(name: str, **options: Any) -> MethodConfig:
-    """A validated, frozen config for method `name`; unknown options are rejected with a suggestion."""
-    return build_config(get(name).config_cls, options)
-
-
-def config_from_dict(data: dict[str, Any] | MethodConfig) -> MethodConfig:
-    """A config from ``{"method": name, **options}`` (the YAML / JSON form)."""
-    if isinstance(data, MethodConfig):
-        return data
-    if not isinstance(data, dict) or "method" not in data:
-        raise ConfigError(f"a method config needs a 'method' key, got {data!r}")
-    return config(data["method"], **{k: v for k, v in data.items() if k != "method"})
+def config(method: str | Mapping[str, Any] | MethodConfig, /, **options: Any) -> MethodConfig:
+    """A validated, frozen config: ``config("lora", r=8)``, or from the YAML / JSON form
+    ``config({"method": "lora", "r": 8})``; a config passed in comes back (with `options` replaced).
+    Unknown options are rejected with a suggestion."""
+    if isinstance(method, MethodConfig):
+        return method.replace(**options) if options else method
+    if isinstance(method, Mapping):
+        if "method" not in method:
+            raise ConfigError(f"a method config needs a 'method' key, got {dict(method)!r}")
+        options = {**{k: v for k, v in method.items() if k != "method"}, **options}
+        method = method["method"]
+    if not isinstance(method, str):
+        raise ConfigError(f"peftkit.config takes a method name such as 'lora', got {type(method).__name__} "
+                          f"{method!r}. Registered methods: {', '.join(methods())}.")
+    return build_config(get(method).config_cls, options)

@@ -231,6 +231,14 @@ def get_site(model: nn.Module, name: str) -> nn.Module:
         raise TargetError(f"the model has no module named {name!r}.") from None
 
 
+def base_at(model: nn.Module, name: str) -> nn.Module:
+    """The original module at site `name`, under any peftkit wrapper: what a builder adapts."""
+    from .host import Host
+
+    module = get_site(model, name)
+    return module.base_layer if isinstance(module, Host) else module
+
+
 def set_site(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -2,7 +2,8 @@
 
 Adapters are attached by method builders (via the registry), installed into `Host` wrappers at
 their sites and, for the input/context forms, kept as model-level deltas. All state about which
-adapters run lives in one `SiteContext` shared by the hosts.
+adapters run lives in one `SiteContext` shared by the hosts. Every operation either completes or
+leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import contextlib
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,17 +26,16 @@ from ..errors import (
     NotMergeableError,
     QuantizedMergeWarning,
 )
-from . import registry
+from . import files, registry
 from .config import MethodConfig
 from .forms.select import TrainableCopy
 from .host import Host, SiteContext
 from .linear import dense_copy, is_quantized
-from .protocol import Delta, ModelDelta
-from .targets import get_site, head_names, iter_sites, select, set_site
+from .protocol import COPY_SLOT, Controller, DeltaState, ModelDelta
+from .targets import base_at, get_site, head_names, iter_sites, select, set_site
 
 MODEL_NAMESPACE = "__model__"
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-COPY_SLOT = "copy"
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TunedModel(nn.Module):
         _expose_forward_signature(self)
         self._configs: dict[str, MethodConfig] = {}
         self._sites: dict[str, list[str]] = {}
-        self._controllers: dict[str, registry.Controller] = {}
+        self._controllers: dict[str, Controller] = {}
         self.requantization_errors: dict[str, float] = {}  # site -> max |ΔW| of the last merge, quantized sites
 
     def __getattr__(self, name: str) -> Any:
@@ -109,6 +109,11 @@ class TunedModel(nn.Module):
     def active_adapters(self) -> tuple[str, ...]:
         return self.context.active
 
+    @property
+    def adapter_weights(self) -> dict[str, float]:
+        """The weights the active adapters were activated with (empty: all 1)."""
+        return dict(self.context.weights)
+
     def config_of(self, name: str) -> MethodConfig:
         return self._configs[self._known(name)]
 
@@ -121,40 +126,53 @@ class TunedModel(nn.Module):
         return name
 
     def attach(self, config: MethodConfig, name: str = "default", *, trainable: bool = True,
-               activate: bool = True) -> TunedModel:
-        """Add adapter `name` built from `config`. Base weights are frozen; the new adapter's
-        parameters train when `trainable` (the other adapters are frozen)."""
+               activate: bool = True, state: dict[str, torch.Tensor] | None = None) -> TunedModel:
+        """Add adapter `name` built from `config` (and filled with `state`, an adapter file's tensors,
+        when given). Base weights are frozen; the new adapter's parameters train when `trainable`
+        (the other adapters are frozen). On any error the model is left exactly as it was."""
         if not isinstance(config, MethodConfig):
             raise ConfigError(f"expected a config from peftkit.config(...), got {type(config).__name__}")
-        if not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"adapter name {name!r} may use only letters, digits, '_' and '-'.")
         if name in self._configs:
             raise AdapterStateError(f"an adapter named {name!r} already exists; pick another name or delete it.")
+        flags = {id(p): p.requires_grad for p in self.parameters()}
+        active, weights = self.context.active, dict(self.context.weights)
+        try:
+            self._install(config, name)
+            if state is not None:
+                self.load_adapter_state(name, state)
+            self.set_trainable(name if trainable else None)
+            spec = registry.get(config.method)
+            if spec.controller is not None:
+                self._controllers[name] = spec.controller(config)
+            if activate:
+                self.activate(name)
+        except BaseException:
+            if name in self._configs:
+                self.delete(name)
+            for p in self.parameters():
+                if id(p) in flags:
+                    p.requires_grad_(flags[id(p)])
+            self.context.active, self.context.weights = active, weights
+            raise
+        return self
+
+    def _install(self, config: MethodConfig, name: str) -> None:
         spec = registry.get(config.method)
         if spec.prepare is not None:
             spec.prepare(self.model, config)
         attachment = spec.build(self.model, config)
         for site in self._trainable_module_sites(config):
-            attachment.add(site, COPY_SLOT, TrainableCopy(_base_of(get_site(self.model, site))))
+            attachment.add(site, COPY_SLOT, TrainableCopy(base_at(self.model, site)))
         self._configs[name] = config
         self._sites[name] = list(attachment.sites)
-        try:
-            for site, slots in attachment.sites.items():
-                host = self._host_at(site)
-                for slot, delta in slots.items():
-                    host.add(name, slot, delta)
-            if attachment.model_deltas:
-                self.model_deltas[name] = nn.ModuleDict(attachment.model_deltas)
-        except BaseException:
-            self.delete(name)
-            raise
-        self.set_trainable(name if trainable else None)
-        spec = registry.get(config.method)
-        if spec.controller is not None:
-            self._controllers[name] = spec.controller(config)
-        if activate:
-            self.activate(name)
-        return self
+        for site, slots in attachment.sites.items():
+            host = self._host_at(site)
+            for slot, delta in slots.items():
+                host.add(name, slot, delta)
+        if attachment.model_deltas:
+            self.model_deltas[name] = nn.ModuleDict(attachment.model_deltas)
 
     def _trainable_module_sites(self, config: MethodConfig) -> list[str]:
         spec = config.trainable_modules
@@ -170,15 +188,15 @@ class TunedModel(nn.Module):
         set_site(self.model, site, host)
         return host
 
-    def hosts(self) -> Iterator[tuple[str, Host]]:
+    def _hosts(self) -> Iterator[tuple[str, Host]]:
         for name, module in self.model.named_modules():
             if isinstance(module, Host):
                 yield name, module
 
-    def deltas(self, name: str) -> Iterator[tuple[str, Delta | ModelDelta]]:
+    def deltas(self, name: str) -> Iterator[tuple[str, DeltaState]]:
         """(state key prefix, delta) for every delta of adapter `name`."""
         self._known(name)
-        for site, host in self.hosts():
+        for site, host in self._hosts():
             if name in host.deltas:
                 for slot, delta in host.deltas[name].items():
                     yield f"{site}.{slot}", delta
@@ -212,11 +230,12 @@ class TunedModel(nn.Module):
 
     def delete(self, name: str) -> None:
         """Remove adapter `name`; sites left without deltas get their original module back."""
-        for site, host in list(self.hosts()):
+        for site, host in list(self._hosts()):
             host.remove(name)
             if not host.deltas:
                 set_site(self.model, site, host.base_layer)
         if name in self.model_deltas:
+            self._release(name)
             del self.model_deltas[name]
         self._configs.pop(name, None)
         self._sites.pop(name, None)
@@ -293,8 +312,7 @@ class TunedModel(nn.Module):
     def regularization_loss(self) -> torch.Tensor | None:
         """Sum of the trainable deltas' regularisers (None when no delta has one)."""
         terms = [t for name in self.adapters for _, d in self.deltas(name)
-                 if isinstance(d, Delta) and any(p.requires_grad for p in d.trainable_parameters())
-                 and (t := d.regularizer()) is not None]
+                 if any(p.requires_grad for p in d.trainable_parameters()) and (t := d.regularizer()) is not None]
         return torch.stack([t.float() for t in terms]).sum() if terms else None
 
     def update(self, step: int) -> None:
@@ -303,6 +321,52 @@ class TunedModel(nn.Module):
         for name, controller in self._controllers.items():
             if any(p.requires_grad for p in self.trainable_parameters(name)):
                 controller.update(self, name, step)
+
+    def controller(self, name: str) -> Controller | None:
+        """The training-time controller of adapter `name` (None for methods without one)."""
+        return self._controllers.get(self._known(name))
+
+    @property
+    def needs_calibration(self) -> list[str]:
+        """Adapters that must see task data (`calibrate`) before they can train or be saved."""
+        return [n for n, c in self._controllers.items() if c.needs_calibration(self, n)]
+
+    def calibrate(self, batches: Iterable[dict[str, Any]], *, names: str | Sequence[str] | None = None,
+                  loss_fn: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None) -> list[str]:
+        """Data-driven set-up of adapters before training (e.g. SNIP-scored masks): by default every
+        adapter in `needs_calibration`. `batches` are dicts of model inputs with labels, so that
+        ``model(**batch).loss`` exists, or any batches with a ``loss_fn(outputs, batch)``; a few are
+        enough (they are materialised once). Call it after attaching, before creating the optimizer.
+        Returns the names calibrated.
+
+        Raises:
+            AdapterStateError: an unknown adapter name, or no batches.
+        """
+        todo = self.needs_calibration if names is None else ([names] if isinstance(names, str) else list(names))
+        for name in todo:
+            self._known(name)
+        batches = list(batches)
+        if todo and not batches:
+            raise AdapterStateError(f"calibrating {todo} needs at least one batch of task data.")
+        for name in todo:
+            controller = self._controllers.get(name)
+            if controller is not None:
+                with self._alone(name):
+                    controller.calibrate(self, name, batches, loss_fn)
+        return todo
+
+    @contextlib.contextmanager
+    def _alone(self, name: str) -> Iterator[None]:
+        """Only adapter `name` active (weight 1), in eval mode (no dropout); restored afterwards."""
+        ctx = self.context
+        saved = (ctx.active, dict(ctx.weights), ctx.disabled, self.training)
+        ctx.active, ctx.weights, ctx.disabled = (name,), {}, False
+        self.eval()
+        try:
+            yield
+        finally:
+            ctx.active, ctx.weights, ctx.disabled = saved[0], saved[1], saved[2]
+            self.train(saved[3])
 
     def generate(self, *args: Any, adapter_names: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The model's `generate()` with the active adapters (or per-sample `adapter_names`)."""
@@ -335,7 +399,7 @@ class TunedModel(nn.Module):
     # -- merging -----------------------------------------------------------------------------
     @property
     def merged_adapters(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(n for _, h in self.hosts() for n in h.merged_adapters))
+        return tuple(dict.fromkeys(n for _, h in self._hosts() for n in h.merged_adapters))
 
     def merge_adapter(self, names: str | Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights, reversibly. Quantized base
@@ -353,7 +417,7 @@ class TunedModel(nn.Module):
             if self.context.weights.get(n, 1.0) != 1.0:
                 raise NotMergeableError(f"adapter {n!r} is active with weight {self.context.weights[n]}; "
                                         "merging weighted activations is not supported.")
-        hosts = [(site, h) for site, h in self.hosts() if any(n in h.deltas for n in names)]
+        hosts = [(site, h) for site, h in self._hosts() if any(n in h.deltas for n in names)]
         if dequantize:
             for _, host in hosts:  # refuse before the base is changed for good
                 host.check_mergeable(names)
@@ -390,7 +454,7 @@ class TunedModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Restore the exact base weights saved at merge time."""
-        for _, host in self.hosts():
+        for _, host in self._hosts():
             host.unmerge()
 
     def merge(self, names: str | Sequence[str] | None = None, *, dequantize: bool = False) -> nn.Module:
@@ -408,8 +472,10 @@ class TunedModel(nn.Module):
         if self.merged_adapters:
             self.unmerge_adapter()
         self._merge(names, keep_backup=False, dequantize=dequantize)
-        for site, host in list(self.hosts()):
+        for site, host in list(self._hosts()):
             set_site(self.model, site, host.base_layer)
+        for name in list(self.model_deltas):
+            self._release(name)
         self.model_deltas.clear()
         self._configs.clear()
         self._sites.clear()
@@ -450,12 +516,6 @@ class TunedModel(nn.Module):
             own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
             delta.import_state(own)
 
-    def head_parameters(self, name: str = "default") -> list[nn.Parameter]:
-        """The trainable parameters of adapter `name`'s copy of the task head (e.g. ``classifier``)."""
-        heads = {f"{site}.{COPY_SLOT}" for site in head_names(self.model)}
-        return [p for prefix, delta in self.deltas(name) if prefix in heads
-                for p in delta.trainable_parameters() if p.requires_grad]
-
     def trainable_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         if name is None:
             return [p for p in self.parameters() if p.requires_grad]
@@ -480,9 +540,11 @@ class TunedModel(nn.Module):
 
     def save(self, path: str, *, format: str = "peftkit", adapter: str | None = None) -> str:
         """Write adapter(s) to folder `path` atomically; ``format="hf-peft"`` for the PEFT layout."""
-        from .io import save
+        return files.save(self, path, format=format, adapter=adapter)
 
-        return save(self, path, format=format, adapter=adapter)
+    def _release(self, name: str) -> None:
+        for delta in self.model_deltas[name].values():
+            delta.release(self.model)
 
 
 def _untie_config(model: nn.Module) -> None:
@@ -503,10 +565,6 @@ def _warn_requantized(names: Sequence[str], errors: dict[str, float]) -> None:
         f"change re-quantization added is {worst:.3g} (at {site}), so outputs differ from the unmerged adapter's "
         "by quantization error (per layer: tuned.requantization_errors). Merge with dequantize=True for an exact, "
         "full-precision result, or keep the adapter unmerged."), stacklevel=4)
-
-
-def _base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, Host) else module
 
 
 def _positional_to_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:

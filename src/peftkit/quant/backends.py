@@ -3,11 +3,11 @@
 Both backends produce and read the same tensors (the bitsandbytes layout, see `formats.py`), so a
 layer quantized by one can be dequantized by the other:
 
-- ``torch`` — plain PyTorch, any device; measured at about 1.1-1.2x fp32 forward+backward time on CPU
-  (one gather per byte, then a per-block multiply).
-- ``bitsandbytes`` — its native 4-bit kernels (about 2x faster dequantization on CPU, CUDA kernels
-  on GPUs). Double-quantized absmax codes may differ from the torch backend's by one step in a few
-  blocks in a thousand: bitsandbytes' CPU kernel rounds values that sit on a midpoint the other way.
+- ``torch`` — plain PyTorch, any device: one gather per byte, then a per-block multiply
+  (benchmarks/quant.py measures its cost against fp32).
+- ``bitsandbytes`` — its native 4-bit kernels (faster dequantization on CPU, CUDA kernels on GPUs).
+  Double-quantized absmax codes may differ from the torch backend's by one step in a few blocks in a
+  thousand: bitsandbytes' CPU kernel rounds values that sit on a midpoint the other way.
   int8 has no faster bitsandbytes path for weight-only use, so it runs on the torch kernels.
 
 Stored tensors: ``qweight`` (packed 4-bit codes, or int8 (out, in)), and ``absmax`` (float32 per

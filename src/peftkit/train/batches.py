@@ -15,12 +15,10 @@ import torch
 
 from .data import IGNORE, Encoded
 
-# Global batches per length-sorted pool: a small pool trades a little padding for batches that
-# still mix lengths. MiniLM + Rotten Tomatoes, one epoch, seeds 0-2, against transformers.Trainer on
-# random batches (0.8213 mean accuracy; benchmarks/train_e2e.py): pools of 50, as transformers'
-# megabatches, pad to 1.03x the real tokens and reached 0.8190; pools of 4 pad to 1.27x (random
-# batches: 1.92x) and reached 0.8209 at 0.63x the Trainer's wall time. Token-level tasks keep 50:
-# padding costs them most (vocabulary logits), and their measured targets used it.
+# Global batches per length-sorted pool: a small pool trades a little padding for batches that still
+# mix lengths (large pools, as transformers' megabatches, cost sequence-level tasks accuracy; see
+# benchmarks/results/recipes.md). Token-level tasks keep large pools: padding costs them most
+# (vocabulary-wide logits).
 POOL_BATCHES = {"sequence": 4, "token": 50}
 
 

@@ -10,24 +10,21 @@ A checkpoint folder holds
   scalar state, Python's ``random`` state, best metric, early-stopping count, metric history,
   the settings that must match on resume, and controller states.
 
-The folder is written under a temporary name, fsynced and renamed over the previous one.
+The folder is written under a temporary name and replaces the previous one in one step (`core.atomic`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..core.io import META, WEIGHTS, read_tensors, write_adapter
+from ..core.atomic import atomic_folder, write_json
+from ..core.files import peftkit_format
 from ..errors import PeftkitError
 
 FORMAT = "peftkit-checkpoint"
@@ -39,37 +36,6 @@ RNG = "rng.safetensors"
 
 class CheckpointError(PeftkitError, OSError):
     """A checkpoint is missing, damaged or from an incompatible run."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_folder(target: Path, fill: Any) -> None:
-    """Call ``fill(tmp_folder)`` and rename the result over `target` (old copy removed after)."""
-    target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        fill(tmp)
-        for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -113,17 +79,15 @@ def save(folder: Path, tuned: Any, adapter: str, optimizer: torch.optim.Optimize
     """Write a complete checkpoint to `folder` atomically."""
     tensors, opt_meta = _split_optimizer(optimizer.state_dict())
 
-    def fill(tmp: Path) -> None:
-        write_adapter(tuned, adapter, tmp)
+    with atomic_folder(folder) as tmp:
+        peftkit_format.write(tuned, adapter, tmp)
         save_file(tensors, str(tmp / OPTIMIZER))
         save_file(_rng_tensors(), str(tmp / RNG))
         for name, state in (controllers or {}).items():
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / f"controller.{name}.safetensors"))
         doc = {"format": FORMAT, "version": VERSION, **trainer_state, "optimizer": opt_meta,
                "python_rng": _python_rng(), "controllers": sorted(controllers or {})}
-        (tmp / STATE).write_text(json.dumps(doc, indent=1) + "\n")
-
-    atomic_folder(folder, fill)
+        write_json(tmp / STATE, doc, indent=1)
 
 
 def read(folder: Path) -> dict[str, Any]:
@@ -143,9 +107,7 @@ def read(folder: Path) -> dict[str, Any]:
 
 def restore(folder: Path, doc: dict[str, Any], tuned: Any, adapter: str, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """Load adapter, optimizer and RNG states from checkpoint `folder`; returns controller states."""
-    meta = json.loads((folder / META).read_text())
-    info = meta.get("files", {}).get(WEIGHTS, {})
-    tuned.load_adapter_state(adapter, read_tensors(folder / WEIGHTS, info.get("sha256"), info.get("bytes")))
+    tuned.load_adapter_state(adapter, peftkit_format.read_state(folder))
     try:
         opt_tensors = load_file(str(folder / OPTIMIZER))
         rng = load_file(str(folder / RNG))

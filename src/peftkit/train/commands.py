@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # -- merge ------------------------------------------------------------------------------------------
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .checkpoint import atomic_folder
+    from ..core.atomic import atomic_folder
 
     run = load_run(_adapter_folder(args.adapter))
     task = (run or {}).get("data", {}).get("task") or ("lm" if models.is_causal(
@@ -141,12 +141,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if target.exists() and any(target.iterdir()):
         raise AdapterFileError(f"{target} exists and is not empty; choose a new folder for the merged model.")
     merged = tuned.merge()
-
-    def fill(tmp: Path) -> None:
+    with atomic_folder(target) as tmp:
         merged.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-
-    atomic_folder(target, fill)
     size = models.folder_bytes(target)
     _emit(args, {"merged_path": str(target), "bytes": size, "adapter_path": args.adapter},
           f"merged {args.adapter} into {target} ({size / 2**20:.1f} MiB); load it with "
@@ -171,7 +168,9 @@ def _tensor_counts(path: Path) -> tuple[int, int]:
 
 
 def _describe(folder: Path) -> dict[str, Any]:
-    from ..core.io import HF_CONFIG, INDEX, META, WEIGHTS
+    from ..core.files import INDEX
+    from ..core.files.hf_format import HF_CONFIG
+    from ..core.files.peftkit_format import META, WEIGHTS
 
     if (folder / META).is_file():
         meta = json.loads((folder / META).read_text())
@@ -225,11 +224,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 # -- methods ----------------------------------------------------------------------------------------
 def cmd_methods(args: argparse.Namespace) -> int:
     from ..core import registry
+    from .recipes import recipe
 
-    rows = [{"name": s.name, "family": s.family, "summary": s.summary, "hf_peft": s.hf is not None,
-             "recommended_lr": s.lr, "recommended_head_lr": s.head_lr, "recommended_base_dropout": s.base_dropout,
-             "probe_head": s.probe_head, "train_options": s.train_options or {},
-             "options": list(s.config_cls.option_names())} for s in registry.specs()]
+    rows = []
+    for s in registry.specs():
+        rec = recipe(s.name)
+        rows.append({"name": s.name, "family": s.family, "summary": s.summary, "hf_peft": s.hf is not None,
+                     "recommended_lr": rec.lr, "recommended_head_lr": rec.head_lr,
+                     "recommended_base_dropout": rec.base_dropout, "probe_head": rec.probe_head,
+                     "train_options": dict(rec.options), "options": list(s.config_cls.option_names())})
     width = max((len(r["name"]) for r in rows), default=4)
     lines = [f"{r['name']:<{width}}  {r['family']:<16} {r['summary']}"
              + (f" Default lr {r['recommended_lr']:g}." if r["recommended_lr"] else "")

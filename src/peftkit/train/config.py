@@ -13,22 +13,10 @@ from typing import Any
 
 import yaml
 
-from ..core.registry import (
-    recommended_base_dropout,
-    recommended_head_lr,
-    recommended_lr,
-    recommended_options,
-    recommended_probe_head,
-)
 from ..errors import ConfigError, did_you_mean
+from .recipes import recipe
 
 TASKS = ("classification", "instruction", "lm")
-# Adapters on small models, for methods without a recommended rate of their own. Measured in one
-# epoch: MiniLM + Rotten Tomatoes LoRA reaches 0.815 at 1e-3; SmolLM2-135M + chatterbot held-out loss
-# falls 29.1 % at 1e-3 and 30.6 % at 2e-3 (LoRA on every linear layer; 25 % / 19.5 % for LoRA q,v at
-# 1e-3 / the 2e-4 usual for 7B models).
-DEFAULT_LR = 1e-3
-TASK_LR = {"instruction": 2e-3}
 DEFAULT_METHOD = "lora"  # with the method's recommended training options (LoRA: every linear layer)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
@@ -86,13 +74,13 @@ class TrainConfig:
         """A copy with the task-dependent defaults filled in."""
         task = self.task or "classification"
         method = self.method or DEFAULT_METHOD
-        options = {**recommended_options(method), **(self.method_options or {})}
+        rec = recipe(method)
         return dataclasses.replace(
-            self, method=method, method_options=options,
-            lr=self.lr if self.lr is not None else (recommended_lr(method) or TASK_LR.get(task, DEFAULT_LR)),
-            head_lr=self.head_lr if self.head_lr is not None else recommended_head_lr(method),
-            base_dropout=self.base_dropout if self.base_dropout is not None else recommended_base_dropout(method),
-            probe_head=self.probe_head if self.probe_head is not None else recommended_probe_head(method),
+            self, method=method, method_options={**rec.options, **(self.method_options or {})},
+            lr=self.lr if self.lr is not None else rec.lr_for(task),
+            head_lr=self.head_lr if self.head_lr is not None else rec.head_lr,
+            base_dropout=self.base_dropout if self.base_dropout is not None else rec.base_dropout,
+            probe_head=self.probe_head if self.probe_head is not None else rec.probe_head,
             max_length=self.max_length if self.max_length is not None else (128 if task == "classification" else 256),
             batch_size=self.batch_size if self.batch_size is not None else (32 if task == "classification" else 8),
             eval_batch_size=self.eval_batch_size or (128 if task == "classification" else 16),

@@ -24,7 +24,7 @@ from typing import Any
 import transformers
 from transformers import TrainerCallback
 
-from ..core.io import META, WEIGHTS, read_tensors, write_adapter
+from ..core.files import peftkit_format
 from ..core.tuned import TunedModel
 
 
@@ -108,11 +108,11 @@ class PeftkitTrainer(transformers.Trainer):
         tuned = self._tuned()
         names = tuned.adapters
         if len(names) == 1:
-            write_adapter(tuned, names[0], Path(output_dir))
+            peftkit_format.write(tuned, names[0], Path(output_dir))
         else:
             for name in names:
                 (Path(output_dir) / name).mkdir(exist_ok=True)
-                write_adapter(tuned, name, Path(output_dir) / name)
+                peftkit_format.write(tuned, name, Path(output_dir) / name)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -121,9 +121,9 @@ class PeftkitTrainer(transformers.Trainer):
         names = tuned.adapters
         for name in names:
             sub = Path(folder) if len(names) == 1 else Path(folder) / name
-            if not (sub / META).is_file():
+            if not (sub / peftkit_format.META).is_file():
                 raise ValueError(f"no peftkit adapter in {sub}; was this checkpoint written by PeftkitTrainer?")
-            tuned.load_adapter_state(name, read_tensors(sub / WEIGHTS))
+            tuned.load_adapter_state(name, peftkit_format.read_state(sub))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self._load_adapters(resume_from_checkpoint)

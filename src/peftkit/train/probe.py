@@ -20,12 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.targets import get_site, head_names
-from ..core.tuned import COPY_SLOT
+from ..core.protocol import COPY_SLOT
+from ..core.targets import base_at, head_names
 from .batches import collate
 
-# Prompt tuning on MiniLM + Rotten Tomatoes, seeds 0-2, mean accuracy after one epoch: 4,096 examples 0.749,
-# the whole split (10,262) 0.749 at 2.5x the fitting time
+# A sample is enough: fitting on a whole split gave no better head (benchmarks/results/recipes.md)
 PROBE_EXAMPLES = 4096
 WEIGHT_DECAY = 1e-3  # on standardised features, summed over the weights (as benchmarks/accuracy.py)
 
@@ -48,8 +47,7 @@ def _head_copy(tuned: Any, adapter: str) -> tuple[Any, str, nn.Linear] | None:
     if site is None:
         return None
     copy = dict(tuned.deltas(adapter)).get(f"{site}.{COPY_SLOT}")
-    host = get_site(tuned.model, site)
-    found = last_linear(getattr(host, "base_layer", host))
+    found = last_linear(base_at(tuned.model, site))
     if copy is None or found is None:
         return None
     path, layer = found

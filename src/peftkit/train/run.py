@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..core.atomic import write_json
+from ..core.files import peftkit_format
 from ..core.registry import config as method_config
 from ..errors import ConfigError, PeftkitError
 from . import data as data_mod
@@ -39,13 +40,6 @@ def default_out(cfg: TrainConfig) -> Path:
         return Path(s).stem if ("/" in s or "." in s) else s
 
     return Path("runs") / f"{slug(cfg.model)}-{slug(cfg.data)}-{cfg.method}"
-
-
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def quantize_base(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
@@ -181,9 +175,8 @@ def _probe(job: Job, tuned: Any, prepared: data_mod.Prepared, pad_id: int, dist:
 def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id: int, dist: Dist) -> list[str]:
     """Methods that set themselves up from data (e.g. SNIP / GraSP masks) see the first training
     batches, before the optimizer exists (the same batches on every process)."""
-    import peftkit
 
-    if not peftkit.needs_calibration(tuned):
+    if not tuned.needs_calibration:
         return []
     from .batches import collate, epoch_batches, pool_batches
 
@@ -192,7 +185,7 @@ def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id
     batches = [{k: v.to(dist.device) for k, v in collate(prepared.train, index, pad_id).items()}
                for index in order[: cfg.calibration_batches]]
     torch.manual_seed(cfg.seed)
-    return list(peftkit.calibrate(tuned, batches))
+    return list(tuned.calibrate(batches))
 
 
 def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
@@ -221,7 +214,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     if dist.main:
         if resume is None and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
-        write_json_atomic(out / RUN_FILE, run_doc)
+        write_json(out / RUN_FILE, run_doc, default=str)
     best_dir = out / "best"
     trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist, log=log,
                       save_best=(lambda: tuned.save(str(best_dir))) if cfg.eval_every else None)
@@ -241,9 +234,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     result = trainer.fit()
     metrics = result.metrics
     if cfg.load_best and result.best and result.best["step"] != result.steps and (best_dir / "adapter.json").is_file():
-        from ..core.io import WEIGHTS, read_tensors
-
-        tuned.load_adapter_state("default", read_tensors(best_dir / WEIGHTS))
+        tuned.load_adapter_state("default", peftkit_format.read_state(best_dir))
         metrics = trainer.evaluate()
     adapter_dir = out / "adapter"
     if dist.main:
@@ -258,7 +249,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
            "train_seconds": round(result.train_seconds, 3), "steps": result.steps, "task": job.task,
            "method": cfg.method, "out": str(out), "best": result.best}
     if dist.main:
-        write_json_atomic(out / RUN_FILE, {**run_doc, "result": doc})
+        write_json(out / RUN_FILE, {**run_doc, "result": doc}, default=str)
     return doc
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.protocol import COPY_SLOT
+from ..core.targets import head_names
 from ..errors import PeftkitError
 from . import checkpoint as ckpt
 from .batches import (
@@ -103,6 +105,13 @@ def _stop_signals(flag: list[bool]) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def head_parameters(tuned: Any, adapter: str = "default") -> list[nn.Parameter]:
+    """The trainable parameters of adapter `adapter`'s copy of the task head (e.g. ``classifier``)."""
+    heads = {f"{site}.{COPY_SLOT}" for site in head_names(tuned.model)}
+    return [p for prefix, delta in tuned.deltas(adapter) if prefix in heads
+            for p in delta.trainable_parameters() if p.requires_grad]
+
+
 def param_groups(tuned: Any, params: list[nn.Parameter], adapter: str, cfg: TrainConfig) -> list[dict[str, Any]]:
     """AdamW groups, each with its peak ``lr``: the task head at ``cfg.head_lr`` when that differs,
     everything else at ``cfg.lr``.
@@ -112,7 +121,7 @@ def param_groups(tuned: Any, params: list[nn.Parameter], adapter: str, cfg: Trai
     """
     head_ids = set()
     if cfg.head_lr is not None and cfg.head_lr != cfg.lr:
-        head_ids = {id(p) for p in tuned.head_parameters(adapter)}
+        head_ids = {id(p) for p in head_parameters(tuned, adapter)}
     groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": cfg.lr},
               {"params": [p for p in params if id(p) in head_ids], "lr": cfg.head_lr}]
     return [g for g in groups if g["params"]]

@@ -1,24 +1,28 @@
-"""The *context* form: extra key/value rows in front of every self-attention, through transformers'
-`AttentionInterface`.
+"""The *context* form: extra key/value rows in front of every self-attention (prefix tuning).
 
 Transformers 5 sends every attention computation through ``ALL_ATTENTION_FUNCTIONS[
-config._attn_implementation]``. While an adapter with key/value rows runs, the configs of the
-model's attention modules name ``"peftkit_kv_prefix:<the implementation they had>"``, registered
-here: a function that puts the rows before the module's keys and values, widens the attention mask
-so that every query sees them, and calls the original implementation (eager, sdpa, flash), with
-that implementation's mask function. A call without rows passes straight through, so the swap is
-invisible to anything else, and the name alone says how to undo it.
+config._attn_implementation]``. While a `KeyValuePrefix` runs, the configs of the model's attention
+modules name ``"peftkit_kv_prefix:<the implementation they had>"``, registered with transformers'
+`AttentionInterface`: a function that puts the rows before the module's keys and values, widens the
+attention mask so that every query sees them, and calls the original implementation (eager, sdpa,
+flash) with that implementation's mask function. A call without rows passes straight through, and
+the name alone says how to undo the swap, which is undone when the call returns.
 
 The rows reach the function in two ways: as a keyword argument of the forward call (transformers
-hands it down to the attention function; gradient checkpointing replays it with the layer), and in
-a registry held while the call runs (for `generate()`, which refuses unknown keywords). Under
-gradient checkpointing the swap outlives the call, so that the backward recomputation routes the
-same way; the registry does not, so nothing leaks into later calls.
+hands it down to the attention function, and gradient checkpointing replays it with the layer), and
+as an attribute of each attention module held only while the call runs (for `generate()`, which
+refuses unknown keywords). Under gradient checkpointing the swap outlives the call, so that the
+backward recomputation routes the same way; the attribute does not, so nothing leaks into later
+calls. The state lives on the model and in the call, never in this module.
 
 Why not the cache route (rows as a pre-filled ``cache=``, as PEFT does): transformers drops the
 cache under gradient checkpointing, encoders such as DistilBERT take no cache at all, hybrid and
 sliding-window caches evict rows, and `generate()` would need its inputs rewritten to account for
-the pre-filled cache. This route needs none of that (see benchmarks/additive.py for speed).
+the pre-filled cache. This route needs none of that.
+
+Layout of the table (one row per virtual token): ``[layer0 K (H_kv×hd) | layer0 V | layer1 K | …]``,
+PEFT's ``prompt_embeddings`` layout. On decoders the real tokens take positions l, l+1, … after an
+l-row prefix (``shift_positions``), as when the prefix is a pre-filled cache.
 """
 
 from __future__ import annotations
@@ -26,17 +30,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ..protocol import ModelDelta
+from .input import cache_length, require_position_ids
+from .table import LearnedTable
 
 NAME = "peftkit_kv_prefix"
 KWARG = "peftkit_kv_rows"
+HELD = "_peftkit_kv_rows"  # attribute of an attention module while a call holds rows for it
 Rows = tuple[torch.Tensor, torch.Tensor]  # keys, values: each (kv_heads, rows, head_dim)
 
 
@@ -54,9 +61,6 @@ class KeyValueRows:
             out.setdefault(key, []).extend(rows)
         return KeyValueRows(out)
 
-
-_ACTIVE: list[KeyValueRows] = []  # registry of the calls now running
-_USERS: dict[int, tuple[weakref.ref, int]] = {}  # id(config) -> (config, calls holding the route)
 
 
 def routed_name(original: str | None) -> str:
@@ -114,7 +118,7 @@ def _widen(mask: torch.Tensor, extra: int) -> torch.Tensor:
 def _rows_for(module: nn.Module, carried: KeyValueRows | None) -> list[Rows]:
     if carried is not None:
         return carried.by_module.get(id(module), [])
-    return [r for active in _ACTIVE for r in active.by_module.get(id(module), [])]
+    return list(getattr(module, HELD, ()))
 
 
 def prefixed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -146,19 +150,17 @@ def _mask_function(*args: Any, original: str, **kwargs: Any) -> Any:
     return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, **kwargs)
 
 
-def _route(config: Any) -> None:
-    entry = _USERS.get(id(config))
-    users = entry[1] if entry is not None and entry[0]() is config else 0
-    if not str(config._attn_implementation).startswith(NAME + ":"):  # also after set_attn_implementation
-        config._attn_implementation = routed_name(config._attn_implementation)
-    _USERS[id(config)] = (weakref.ref(config), users + 1)
+def route(config: Any) -> bool:
+    """Point `config`'s attention at the prefixed implementation; False if it already was."""
+    if str(config._attn_implementation).startswith(NAME + ":"):  # also after set_attn_implementation
+        return False
+    config._attn_implementation = routed_name(config._attn_implementation)
+    return True
 
 
-def _unroute(config: Any, keep: bool) -> None:
-    ref, users = _USERS.pop(id(config))
-    if users > 1:
-        _USERS[id(config)] = (ref, users - 1)
-    elif not keep and str(config._attn_implementation).startswith(NAME + ":"):
+def unroute(config: Any) -> None:
+    """Restore the implementation `route` replaced (read back from the routed name)."""
+    if str(config._attn_implementation).startswith(NAME + ":"):
         config._attn_implementation = config._attn_implementation.split(":", 1)[1]
 
 
@@ -173,29 +175,91 @@ def _checkpointing(model: nn.Module) -> bool:
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-@contextlib.contextmanager
-def routed(model: nn.Module, blocks: Sequence[nn.Module], rows: Sequence[Rows]) -> Iterator[KeyValueRows]:
-    """Hold `rows[i]` in front of the keys/values of the attention in `blocks[i]` for one call.
-    Yields the `KeyValueRows` to pass as ``kwargs[KWARG]``."""
-    by_module: dict[int, list[Rows]] = {}
-    configs: dict[int, Any] = {}
-    for block, layer_rows in zip(blocks, rows, strict=True):
-        for module in attention_modules(block):
-            by_module[id(module)] = [layer_rows]
-            config = getattr(module, "config", None)
-            if config is not None:
-                configs[id(config)] = config
-    if not configs:
-        raise ConfigError(f"{type(model).__name__}'s attention modules have no config to route through "
-                          "transformers' AttentionInterface; key/value prefixes need a transformers model.")
-    carried = KeyValueRows(by_module)
-    for config in configs.values():
-        _route(config)
-    _ACTIVE.append(carried)
-    try:
-        yield carried
-    finally:
-        _ACTIVE.remove(carried)
-        keep = _checkpointing(model)
-        for config in configs.values():
-            _unroute(config, keep)
+class KeyValuePrefix(ModelDelta):
+    """Key/value rows, from a learned (l, 2·L·H_kv·hd) table, for the self-attention of `blocks`."""
+
+    form = "context"
+
+    def __init__(self, table: LearnedTable, blocks: list[str], kv_heads: int, head_dim: int,
+                 shift_positions: bool) -> None:
+        super().__init__()
+        self.table = table
+        self.blocks = blocks
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.num_tokens = int(table.export().shape[0])
+        self.shift_positions = shift_positions
+        self._carried: list[KeyValueRows] = []  # one per call now running (nested calls stack)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        return {"values": self.table.export()}
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.table.replace(state["values"])
+
+    def rows(self) -> list[Rows]:
+        """(keys, values) per block, each (H_kv, l, hd)."""
+        n, layers = self.num_tokens, len(self.blocks)
+        kv = self.table().view(n, 2 * layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # (2L, H, l, hd)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+
+    def _attention(self, model: nn.Module) -> tuple[list[list[nn.Module]], list[Any]]:
+        """The attention modules of each block, and the configs they read their implementation from."""
+        modules = [attention_modules(model.get_submodule(name)) for name in self.blocks]
+        configs = {id(c): c for group in modules for m in group if (c := getattr(m, "config", None)) is not None}
+        if not configs:
+            raise ConfigError(f"{type(model).__name__}'s attention modules have no config to route through "
+                              "transformers' AttentionInterface; key/value prefixes need a transformers model.")
+        return modules, list(configs.values())
+
+    @contextlib.contextmanager
+    def running(self, model: nn.Module) -> Iterator[None]:
+        modules, configs = self._attention(model)
+        pairs = [(m, layer_rows) for group, layer_rows in zip(modules, self.rows(), strict=True) for m in group]
+        carried = KeyValueRows({id(m): [layer_rows] for m, layer_rows in pairs})
+        for config in configs:
+            route(config)
+        for module, layer_rows in pairs:
+            module.__dict__.setdefault(HELD, []).append(layer_rows)
+        self._carried.append(carried)
+        try:
+            yield
+        finally:
+            self._carried.remove(carried)
+            for module, layer_rows in pairs:
+                held = module.__dict__[HELD]
+                del held[next(i for i, r in enumerate(held) if r is layer_rows)]
+                if not held:
+                    del module.__dict__[HELD]
+            if not _checkpointing(model):  # the backward recomputation must route the same way
+                for config in configs:
+                    unroute(config)
+
+    def release(self, model: nn.Module) -> None:
+        for config in self._attention(model)[1]:
+            unroute(config)
+
+    def _shifted(self, model: nn.Module, kwargs: dict[str, Any], positions: torch.Tensor | None) -> dict[str, Any]:
+        if not self.shift_positions:
+            return kwargs
+        require_position_ids(model)
+        if positions is None:
+            embeds = kwargs.get("inputs_embeds")
+            ids = kwargs.get("input_ids") if embeds is None else embeds[..., 0]
+            if ids is None:
+                return kwargs
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1) + cache_length(kwargs)
+        return {**kwargs, "position_ids": positions + self.num_tokens}
+
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = self._shifted(model, dict(kwargs), kwargs.get("position_ids"))
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+        if self._carried and takes_any:  # travels with the call, so gradient checkpointing replays it
+            kwargs[KWARG] = self._carried[-1].merged(kwargs.get(KWARG))
+        return kwargs
+
+    def prepare_generate(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        positions = kwargs.get("position_ids")
+        mask = kwargs.get("attention_mask")
+        if positions is None and mask is not None and mask.dim() == 2:  # generate()'s own rule, then shifted
+            positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return self._shifted(model, dict(kwargs), positions)

@@ -1,7 +1,7 @@
 """The *input* form: virtual token embeddings put before the input embeddings.
 
-Shared by prompt tuning and P-tuning, which differ only in how the (k, d) table is learned. For a
-forward call with k virtual tokens and L real ones:
+Used by prompt tuning and P-tuning, which differ only in how the (k, d) table is learned
+(`table.LearnedTable`). For a forward call with k virtual tokens and L real ones:
 
     inputs_embeds  = [prompt (k) | embed(input_ids) (L)]
     attention_mask = [1 … 1 | mask];  token_type_ids = [0 … 0 | ids]
@@ -12,21 +12,7 @@ forward call with k virtual tokens and L real ones:
 Shifted (``shift_positions=True``, PEFT's layout, the default on decoders): the prompt reads as text
 before the input. Unshifted (the default on bidirectional encoders where a method's option is None):
 the real tokens keep their positions, so BERT's [CLS] stays where it was pre-trained, and a virtual
-token's own position embedding is a constant its learned vector absorbs (MiniLM + Rotten Tomatoes,
-one epoch of P-tuning: 0.747 unshifted, 0.706 shifted — one run each, with unseeded task heads,
-whose draws alone move this job by more than that; see p_tuning.py).
-
-Training a classifier through virtual tokens (why both methods recommend ``base_dropout=0`` and
-``probe_head``): the head reads the first position, a virtual token. On all-MiniLM-L6-v2 its pooled
-features vary across examples by a per-dimension std of 0.015 (a real [CLS]: 0.035), smaller than
-the base's own dropout perturbs them (0.026), so with dropout on the prompt's gradients are mostly
-noise; and a head on features that vary so little needs weights of norm ~200 (logistic regression),
-which Adam, moving each weight by about the learning rate per step, does not reach in one epoch from
-a random start. MiniLM + Rotten Tomatoes, one epoch, each method's recommended rates (the head-only
-bar is 0.725), with the base's dropout at 0.1 and a random head (`--base-dropout 0.1 --no-probe-head`,
-seed 0) / dropout off (`--no-probe-head`, seeds 0/1) / both (the default, seeds 0-5): P-tuning 0.634 /
-0.670, 0.699 / 0.738, 0.741, 0.735, 0.731, 0.729, 0.732; prompt tuning 0.689 / 0.754, 0.755 / 0.757,
-0.751, 0.737, 0.735, 0.755, 0.750.
+token's own position embedding is a constant its learned vector absorbs.
 
 Outputs of length k + L (logits, hidden states) are cut back to the L real positions. When the
 call continues from a cache that already holds the virtual tokens, nothing is injected again.

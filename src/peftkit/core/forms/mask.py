@@ -139,7 +139,7 @@ class MaskedDelta(Delta):
     def _check_ready(self) -> None:
         if self.awaiting and not self.calibrating:
             raise AdapterStateError(f"this adapter's masks are scored by {self.awaiting!r}, which needs data: call "
-                                    "peftkit.calibrate(tuned, batches) with a few training batches before training, "
+                                    "tuned.calibrate(batches) with a few training batches before training, "
                                     "or choose score='magnitude' / 'random'.")
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +182,7 @@ class MaskedDelta(Delta):
     def export_state(self) -> dict[str, torch.Tensor]:
         if self.awaiting:
             raise AdapterStateError(f"masks scored by {self.awaiting!r} are not computed yet; "
-                                    "call peftkit.calibrate(tuned, batches) before saving.")
+                                    "call tuned.calibrate(batches) before saving.")
         state = dict(self.inner.export_state())
         for name in self.prunable:
             state.pop(self._original_key(name), None)

@@ -21,7 +21,7 @@ from ...core.forms.select import TrainableCopy
 from ...core.linear import delta_dtype, device_of, is_linear, linear_dims
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.targets import select
+from ...core.targets import base_at, select
 from .bottleneck import Bottleneck, bottleneck_problems, bottleneck_size
 
 PLACEMENTS = ("houlsby", "pfeiffer")
@@ -90,12 +90,10 @@ def build(model: nn.Module, config: AdapterConfig) -> Attachment:
                    accept_label="Linear and Conv1D layers")
     attachment = Attachment()
     for site in sites:
-        base = model.get_submodule(site)
-        attachment.add(site, "adapter", SequentialAdapter(getattr(base, "base_layer", base), config))
+        attachment.add(site, "adapter", SequentialAdapter(base_at(model, site), config))
     if config.norms_trained and norms:
         for site in select(model, norms, layers=config.layers):
-            base = model.get_submodule(site)
-            attachment.add(site, "norm", TrainableCopy(getattr(base, "base_layer", base)))
+            attachment.add(site, "norm", TrainableCopy(base_at(model, site)))
     return attachment
 
 

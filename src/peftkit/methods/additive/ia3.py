@@ -6,7 +6,7 @@ FFN down projection the *input* ``y = W (l ⊙ x) + b``. Placement: the key and 
 down projection of every block, found by `core.arch`; or any linear layers given as `targets`,
 with `feedforward` naming those scaled on the input. Init: ones, so the model is unchanged at init.
 Mergeable: ``W ← diag(l) W, b ← l ⊙ b`` (output) or ``W ← W diag(l)`` (input).
-Trainer default learning rate 1e-2 (T-Few trains (IA)³ at 3e-3 over many more steps; 1e-2 suits one-epoch runs); the task head trains at it too.
+Training recipe (`peftkit methods`): learning rate 1e-2.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ...core.config import SiteConfig
 from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.targets import Spec, as_entries, matches, select
+from ...core.targets import Spec, as_entries, base_at, matches, select
 from .ia3_hf import IA3_CODEC
 
 
@@ -94,8 +94,7 @@ def build(model: nn.Module, config: IA3Config) -> Attachment:
                    accept_label="Linear and Conv1D layers")
     attachment = Attachment()
     for site in sites:
-        base = model.get_submodule(site)
-        base = getattr(base, "base_layer", base)
+        base = base_at(model, site)
         attachment.add(site, "ia3", ScaleInput(base) if is_input_scaled(site, feedforward) else ScaleOutput(base))
     return attachment
 
@@ -108,5 +107,6 @@ register(MethodSpec(
     summary="Learned vectors scaling keys, values and the FFN down-projection input; mergeable.",
     hf=IA3_CODEC,
     identity_at_init=True,
-    lr=1e-2,
+    # T-Few trains (IA)³ at 3e-3 over many more steps; runs of an epoch or so need 1e-2 (head included).
+    recipe={"lr": 1e-2},
 ))

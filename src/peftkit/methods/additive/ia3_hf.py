@@ -16,7 +16,7 @@ from torch import nn
 
 from ...core.linear import Conv1D
 from ...core.registry import HfCodec
-from ...core.targets import get_site, iter_sites
+from ...core.targets import base_at, iter_sites
 from ...errors import ConfigError
 
 PREFIX = "base_model.model."
@@ -30,12 +30,11 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
     tensors, targets, feedforward, conv1d = {}, [], [], False
     for key, value in state.items():
         site = key.rsplit(".", 2)[0]
-        module = get_site(model, site)
         on_input = is_input_scaled(site, feedforward_entries)
         targets.append(site)
         if on_input:
             feedforward.append(site)
-        conv1d = conv1d or isinstance(getattr(module, "base_layer", module), Conv1D)
+        conv1d = conv1d or isinstance(base_at(model, site), Conv1D)
         tensors[f"{PREFIX}{site}{_SUFFIX}"] = value.reshape(1, -1) if on_input else value.reshape(-1, 1)
     hf = {"peft_type": "IA3", "target_modules": targets, "feedforward_modules": feedforward,
           "fan_in_fan_out": conv1d, "init_ia3_weights": True, "exclude_modules": None}

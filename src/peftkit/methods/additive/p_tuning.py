@@ -9,9 +9,8 @@ Only P is saved; a loaded P is stored directly. Masks, labels and `generate()` a
 
 Placement: the model's input embeddings. Init: E ~ N(0, 1), encoder default init (PEFT's).
 Defaults: k = 20, encoder = mlp, h = d. Not mergeable.
-Trainer defaults: the encoder at 1e-3 (at 3e-3 and 1e-2 the result depends more on the seed, and is
-lower on average), a new task head at 1e-2; the frozen base's dropout off and a new task head fitted before training
-(``base_dropout=0``, ``probe_head``: see `virtual_tokens.py` for why).
+Training recipe (`peftkit methods`): the encoder at 1e-3, a new task head at 1e-2, the frozen base's
+dropout off and the head fitted before training (`peftkit.train.recipes` says why).
 """
 
 from __future__ import annotations
@@ -88,13 +87,7 @@ register(MethodSpec(
     build=build,
     summary="Virtual tokens produced by a trainable prompt encoder (MLP or LSTM); only the tokens are saved.",
     hf=P_TUNING_CODEC,
-    # MiniLM + Rotten Tomatoes, one epoch, base dropout off and the head fitted first, seeds 0-5 (head-only
-    # bar 0.725): encoder at 1e-3 0.738 / 0.741 / 0.735 / 0.731 / 0.729 / 0.732 (mean 0.734, no loss spike);
-    # at 3e-3 0.735 / 0.737 / 0.725 / 0.717 / 0.720 / 0.718 (mean 0.725, four seeds under the bar; a
-    # two-epoch run at 3e-3 had its loss jump to 4.2 and ended at 0.711). Also measured on seeds 0-2 and
-    # dropped: the head at 3e-2, everything at 1e-2 (0.722 mean), the LSTM encoder, two epochs.
-    lr=1e-3,
-    head_lr=1e-2,
-    base_dropout=0.0,
-    probe_head=True,
+    # The encoder at 1e-3: higher rates make the result depend more on the seed and lower it on average;
+    # a new task head at 1e-2. As prompt tuning: the base's dropout off and a new head fitted first.
+    recipe={"lr": 1e-3, "head_lr": 1e-2, "base_dropout": 0.0, "probe_head": True},
 ))

@@ -24,7 +24,7 @@ from ...core.config import SiteConfig, check
 from ...core.linear import delta_dtype, device_of, is_linear, linear_dims
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
-from ...core.targets import select
+from ...core.targets import base_at, select
 from ...errors import AdapterStateError, TargetError
 from .bottleneck import Bottleneck, bottleneck_problems, bottleneck_size
 
@@ -106,16 +106,11 @@ def _io_dims(module: nn.Module, site: str) -> tuple[int, int]:
     return linear_dims(linears[0])[0], linear_dims(linears[-1])[1]
 
 
-def _base(model: nn.Module, site: str) -> nn.Module:
-    module = model.get_submodule(site)
-    return getattr(module, "base_layer", module)
-
-
 def build(model: nn.Module, config: ParallelAdapterConfig) -> Attachment:
     attachment = Attachment()
     if config.targets is not None:
         for site in select(model, config.targets, exclude=config.exclude, layers=config.layers):
-            base = _base(model, site)
+            base = base_at(model, site)
             d_in, d_out = _io_dims(base, site)
             attachment.add(site, "parallel", ParallelAdapter(d_in, d_out, base, config, None))
         return attachment
@@ -129,8 +124,8 @@ def build(model: nn.Module, config: ParallelAdapterConfig) -> Attachment:
     for out in select(model, list(pairs), exclude=config.exclude, layers=config.layers):
         source, tap = pairs[out], Tap()
         attachment.add(source, "tap", InputTap(tap))
-        d_in, d_out = linear_dims(_base(model, source))[0], linear_dims(_base(model, out))[1]
-        attachment.add(out, "parallel", ParallelAdapter(d_in, d_out, _base(model, out), config, tap))
+        d_in, d_out = linear_dims(base_at(model, source))[0], linear_dims(base_at(model, out))[1]
+        attachment.add(out, "parallel", ParallelAdapter(d_in, d_out, base_at(model, out), config, tap))
     return attachment
 
 

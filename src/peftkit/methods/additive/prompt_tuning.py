@@ -10,9 +10,8 @@ Init: ``"vocabulary"`` (embeddings of k random vocabulary tokens, the default), 
 (N(0, σ²) with σ the std of the embedding table) or ``"text"`` (the embeddings of `init_text`
 tokenised with `tokenizer`, repeated to length k; needs that tokenizer whenever the adapter is
 built, also when loading). Defaults: k = 20. Not mergeable. Expect it weak on small models.
-Trainer defaults (`peftkit methods`): learning rate 3e-2 (the paper uses 0.3 with Adafactor; 3e-2
-with AdamW), the task head at it too; the frozen base's dropout off and a new task head fitted before
-training (``base_dropout=0``, ``probe_head``: see `virtual_tokens.py` for why).
+Training recipe (`peftkit methods`): learning rate 3e-2, the frozen base's dropout off and a new task
+head fitted before training (`peftkit.train.recipes` says why).
 """
 
 from __future__ import annotations
@@ -38,9 +37,8 @@ class PromptTuningConfig(MethodConfig):
 
     method = "prompt_tuning"
     num_virtual_tokens: int = 20
-    # True: real tokens after the prompt on every model, as PEFT (MiniLM + Rotten Tomatoes, one epoch:
-    # 0.751 shifted, 0.685 unshifted, one run each before the task head's init was seeded, and seeded
-    # head draws alone move this job by ~0.04: not settled); None: unshifted on encoders (virtual_tokens.py)
+    # True: real tokens after the prompt on every model, as PEFT (unsettled on encoders, see
+    # benchmarks/results/recipes.md); None: unshifted on encoders (core/forms/input.py)
     shift_positions: bool | None = True
     init: str = "vocabulary"
     init_text: str | None = None
@@ -98,7 +96,7 @@ register(MethodSpec(
     build=build,
     summary="Trainable virtual-token embeddings before the input embeddings (soft prompt).",
     hf=PROMPT_CODEC,
-    lr=3e-2,
-    base_dropout=0.0,
-    probe_head=True,
+    # The paper trains the prompt at 0.3 with Adafactor; 3e-2 is the AdamW equivalent, the task head at it
+    # too. Soft prompts also turn the frozen base's dropout off and fit a new head first (recipes.py says why).
+    recipe={"lr": 3e-2, "base_dropout": 0.0, "probe_head": True},
 ))

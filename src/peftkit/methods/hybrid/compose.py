@@ -27,18 +27,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ...core.config import MethodConfig, check
-from ...core.registry import Attachment, Controller, MethodSpec, config_from_dict, register
+from ...core.protocol import Controller
+from ...core.registry import Attachment, MethodSpec, register
+from ...core.registry import config as make_config
 from ...core.registry import get as get_spec
+from ...core.targets import base_at
 from ...errors import ConfigError, PeftkitError
 from .gate import GATEABLE, GatedDelta
-
-
-def as_config(part: Any) -> MethodConfig:
-    """A part as a config: a config is kept, a ``{"method": ...}`` dict is built."""
-    return config_from_dict(part)
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class ComposeConfig(MethodConfig):
         parts, errors = [], []
         for i, part in enumerate(self.parts if isinstance(self.parts, list | tuple) else [self.parts]):
             try:
-                parts.append(as_config(part))
+                parts.append(make_config(part))
             except PeftkitError as err:
                 errors.append(f"part {i}: {err}")
         if errors:
@@ -84,8 +83,7 @@ def _gated(model: nn.Module, attachment: Attachment, index: int, part: MethodCon
                           "be gated; set its gate to false.")
     gated, count = Attachment(), 0
     for site, slots in attachment.sites.items():
-        base = model.get_submodule(site)
-        base = getattr(base, "base_layer", base)
+        base = base_at(model, site)
         for slot, delta in slots.items():
             if delta.hooks and delta.hooks <= GATEABLE and any(True for _ in delta.trainable_parameters()):
                 delta, count = GatedDelta(delta, base, model, where=f" ({where} at {site})"), count + 1
@@ -100,8 +98,7 @@ def _check_overrides(model: nn.Module, attachment: Attachment) -> None:
     """Refuse two parts tuning the same parameter of one site (their values would not add up)."""
     for site, slots in attachment.sites.items():
         seen: dict[str, str] = {}
-        base = model.get_submodule(site)
-        base = getattr(base, "base_layer", base)
+        base = base_at(model, site)
         for slot, delta in slots.items():
             if "param_overrides" not in delta.hooks:
                 continue
@@ -149,6 +146,13 @@ class CompositeController(Controller):
         for controller in self.controllers:
             if controller.needs_calibration(tuned, name):
                 controller.calibrate(tuned, name, batches, loss_fn)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{i}.{k}": v for i, c in enumerate(self.controllers) for k, v in c.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for i, controller in enumerate(self.controllers):
+            controller.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(i)})
 
 
 def controller(config: ComposeConfig) -> Controller:

@@ -13,8 +13,7 @@ parameter-owning layer becomes its own site, so mixed-adapter batches work as fo
 Init: the copies equal the pretrained values (unchanged model at init). Storage: the tuned values
 (`TrainableCopy`), exact on load and merge, base never written (exact ``disabled()``). The task
 head trains as a full copy (``trainable_modules="auto"``).
-Trainer default learning rate 1e-4: whole blocks are fine-tuned as in full fine-tuning, where 1e-3
-with AdamW is too large for pretrained weights.
+Training recipe (`peftkit methods`): learning rate 1e-4, as for full fine-tuning.
 """
 
 from __future__ import annotations
@@ -106,5 +105,6 @@ register(MethodSpec(
     build=build,
     summary="Fine-tune whole blocks (last k, or named layers/modules) as trainable copies; mergeable.",
     identity_at_init=True,
-    lr=1e-4,
+    # Whole blocks are fine-tuned as in full fine-tuning, where 1e-3 with AdamW is too large.
+    recipe={"lr": 1e-4},
 ))

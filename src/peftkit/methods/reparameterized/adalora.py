@@ -36,7 +36,7 @@ from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_line
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.registry import config as make_config
-from ...core.targets import select
+from ...core.targets import base_at, select
 from ...core.tuned import TunedModel
 from ...errors import AdapterStateError, ConfigError
 from .adalora_budget import RankAllocator
@@ -201,8 +201,7 @@ def build(model: nn.Module, config: AdaLoraConfig) -> Attachment:
     orth_weight = config.orth_reg / (2 * len(sites))
     attachment = Attachment()
     for site in sites:
-        base = model.get_submodule(site)
-        base = getattr(base, "base_layer", base)
+        base = base_at(model, site)
         attachment.add(site, SLOT, AdaLoraLinear(base, config.init_r, config.scaling, config.dropout, orth_weight))
     return attachment
 
@@ -245,7 +244,7 @@ def convert_to_lora(tuned: TunedModel, name: str = "default", *, new_name: str |
         raise ConfigError(f"adapter {name!r} kept no singular value anywhere; there is nothing to convert.")
     lora = make_config("lora", **_lora_options(config, ranks))
     trainable = any(p.requires_grad for p in tuned.trainable_parameters(name))
-    active, weights = tuned.active_adapters, dict(tuned.context.weights)
+    active, weights = tuned.active_adapters, tuned.adapter_weights
     target = new_name or name
     if new_name is None:
         tuned.delete(name)

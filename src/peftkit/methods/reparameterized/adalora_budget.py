@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ...core.registry import Controller
+from ...core.protocol import Controller
 from ...errors import ConfigError
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ...core.linear import Conv1D
 from ...core.registry import HfCodec
-from ...core.targets import get_site, iter_sites
+from ...core.targets import base_at, iter_sites
 from ...errors import ConfigError
 
 PREFIX = "base_model.model."
@@ -27,11 +27,6 @@ _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "bias": "none", "layer_re
                 "use_qalora": False, "target_parameters": None, "trainable_token_indices": None,
                 "use_rslora": False, "alora_invocation_tokens": None}
 _KEY = re.compile(r"(.+)\.lora_([ABE])$")
-
-
-def _base(model: nn.Module, site: str) -> nn.Module:
-    module = get_site(model, site)
-    return getattr(module, "base_layer", module)
 
 
 def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -65,7 +60,7 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
         "total_step": config.total_steps,
         "target_modules": sites,
         "rank_pattern": {f"{s}.lora_E": [bool(b) for b in masks[s].tolist()] for s in sites} if pruned else None,
-        "fan_in_fan_out": any(isinstance(_base(model, s), Conv1D) for s in sites),
+        "fan_in_fan_out": any(isinstance(base_at(model, s), Conv1D) for s in sites),
         "bias": "none",
     }
     return hf, tensors

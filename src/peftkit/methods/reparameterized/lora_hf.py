@@ -17,7 +17,7 @@ from torch import nn
 
 from ...core.linear import Conv1D
 from ...core.registry import HfCodec
-from ...core.targets import get_site, iter_sites
+from ...core.targets import base_at, iter_sites
 from ...errors import ConfigError
 
 PREFIX = "base_model.model."
@@ -31,17 +31,12 @@ _NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "magnitude": "lora_magnitu
 _EMBED_NAMES = {"A": "lora_embedding_A", "B": "lora_embedding_B"}
 
 
-def _base(model: nn.Module, site: str) -> nn.Module:
-    module = get_site(model, site)
-    return getattr(module, "base_layer", module)
-
-
 def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     tensors: dict[str, torch.Tensor] = {}
     lora_sites, bias_sites = [], []
     for key, value in state.items():
         site, slot, name = key.rsplit(".", 2)
-        base = _base(model, site)
+        base = base_at(model, site)
         if slot == "lora":
             if site not in lora_sites:
                 lora_sites.append(site)
@@ -69,7 +64,7 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
         "target_modules": lora_sites,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "fan_in_fan_out": any(isinstance(_base(model, s), Conv1D) for s in lora_sites),
+        "fan_in_fan_out": any(isinstance(base_at(model, s), Conv1D) for s in lora_sites),
         "bias": config.bias,
     }
     return hf, tensors
@@ -120,7 +115,7 @@ def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Modu
         if value is not None and value != alpha:
             alpha_pattern[s] = value
     for site, value in biases.items():
-        state[f"{site}.bias.shift"] = value.float() - _base(model, site).bias.detach().float()
+        state[f"{site}.bias.shift"] = value.float() - base_at(model, site).bias.detach().float()
     config = make_config(
         "lora", r=r, alpha=alpha, dropout=hf.get("lora_dropout", 0.0), rslora=bool(hf.get("use_rslora")),
         dora=bool(hf.get("use_dora")), init=_INIT_FROM_HF[init], bias=hf.get("bias", "none"),

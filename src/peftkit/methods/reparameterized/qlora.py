@@ -29,7 +29,7 @@ from ...core import registry
 from ...core.config import MethodConfig
 from ...core.linear import is_quantized
 from ...core.registry import Attachment, HfCodec, MethodSpec, register
-from ...core.targets import Spec
+from ...core.targets import Spec, base_at
 from ...errors import ConfigError
 from ...quant import QuantSpec, quantize
 from ...quant.spec import parse_dtype
@@ -74,8 +74,7 @@ def prepare(model: nn.Module, config: QLoraConfig) -> None:
 
 def build(model: nn.Module, config: QLoraConfig) -> Attachment:
     attachment = registry.get("lora").build(model, config.as_lora())
-    plain = [s for s in attachment.sites if not is_quantized(getattr(model.get_submodule(s), "base_layer",
-                                                                      model.get_submodule(s)))]
+    plain = [s for s in attachment.sites if not is_quantized(base_at(model, s))]
     if len(plain) == len(attachment.sites):
         raise ConfigError("qlora needs a quantized base, and none of its target layers is quantized. "
                           "peftkit.attach() quantizes the base itself; when building parts directly (e.g. inside "

@@ -18,7 +18,7 @@ paper, or ``per-layer``), ``params`` (which tensors to prune; default every 2-D+
 ``adapter`` bottleneck 2m at 50 % (or 4m at 75 %) against a dense bottleneck m.
 
 Data: ``magnitude`` / ``random`` prune while attaching. ``snip`` / ``grasp`` need a few batches:
-``peftkit.calibrate(tuned, batches)`` scores the dense adapter on them and prunes it, once,
+``tuned.calibrate(batches)`` scores the dense adapter on them and prunes it, once,
 before the optimizer is created (peftkit's trainer does this); until then the adapter refuses to
 run or save. Note that weight-based scores give zero to zero-initialised tensors (LoRA's B).
 """
@@ -36,7 +36,8 @@ from torch import nn
 from ...core import registry
 from ...core.config import MethodConfig, check
 from ...core.forms.mask import MaskedDelta, default_prunable
-from ...core.registry import Attachment, Controller, MethodSpec, register
+from ...core.protocol import Controller
+from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import Spec
 from ...errors import AdapterStateError, ConfigError, PeftkitError, did_you_mean
 from . import scores as S
@@ -132,15 +133,11 @@ def build(model: nn.Module, config: SparseAdapterConfig) -> Attachment:
 
 @contextlib.contextmanager
 def _scoring(tuned: Any, name: str, deltas: Sequence[MaskedDelta]) -> Iterator[None]:
-    """Only adapter `name` active, eval mode (no dropout), `deltas`' values differentiable; every
-    masked part of the adapter runs (dense while its own mask is pending)."""
-    ctx = tuned.context
-    saved = (ctx.active, dict(ctx.weights), ctx.disabled, tuned.training)
+    """`deltas`' values differentiable, and every masked part of the adapter running (dense while its
+    own mask is pending). `TunedModel.calibrate` runs this adapter alone, in eval mode."""
     values = [d.kept_values(n) for d in deltas for n in d.prunable]
     flags = [v.requires_grad for v in values]
     everything = masked_deltas(tuned, name)
-    ctx.active, ctx.weights, ctx.disabled = (name,), {}, False
-    tuned.eval()
     for d in everything:
         d.calibrating = True
     for v in values:
@@ -148,8 +145,6 @@ def _scoring(tuned: Any, name: str, deltas: Sequence[MaskedDelta]) -> Iterator[N
     try:
         yield
     finally:
-        ctx.active, ctx.weights, ctx.disabled = saved[0], saved[1], saved[2]
-        tuned.train(saved[3])
         for d in everything:
             d.calibrating = False
         for v, flag in zip(values, flags, strict=True):

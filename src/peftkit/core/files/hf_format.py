@@ -7,7 +7,6 @@ copies (PEFT's ``modules_to_save``, stored under the module's own parameter name
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +14,18 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import AdapterFileError, ConfigError, PeftkitError
-from . import registry
-from .io import _read_json, install, read_tensors
-from .targets import iter_sites, matches
-from .tuned import COPY_SLOT, TunedModel
+from ...errors import AdapterFileError, ConfigError, PeftkitError
+from .. import registry
+from ..atomic import atomic_file, write_json
+from ..protocol import COPY_SLOT
+from ..targets import iter_sites, matches
+from .checked import read_json, read_tensors
 
+NAME = "hf-peft"
 HF_CONFIG = "adapter_config.json"
 HF_WEIGHTS = "adapter_model.safetensors"
 HF_WEIGHTS_BIN = "adapter_model.bin"
+Tensors = dict[str, torch.Tensor]
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
                ("ForConditionalGeneration", "SEQ_2_SEQ_LM"))
@@ -46,7 +48,8 @@ def _split_copies(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     return own, copies
 
 
-def write_hf_adapter(tuned: TunedModel, name: str, folder: Path) -> None:
+def write(tuned: Any, name: str, folder: Path) -> None:
+    """Write adapter `name` of `tuned` (a TunedModel) as PEFT's two files into `folder`."""
     config = tuned.config_of(name)
     spec = registry.get(config.method)
     if spec.hf is None:
@@ -67,8 +70,9 @@ def write_hf_adapter(tuned: TunedModel, name: str, folder: Path) -> None:
         **hf_config,
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(folder / HF_WEIGHTS), metadata={"format": "pt"})
-    (folder / HF_CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    with atomic_file(folder / HF_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(folder / HF_CONFIG, hf_config, sort_keys=True)
 
 
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,8 +102,10 @@ def _take_copies(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn
     return sites, state
 
 
-def load_hf_adapter(model: nn.Module, folder: Path, name: str, trainable: bool) -> TunedModel:
-    hf = _read_json(folder / HF_CONFIG)
+def read(model: nn.Module, folder: Path, check_base: bool) -> tuple[Any, Tensors, str | None]:
+    """(config, tensors in peftkit's keys, None) of the PEFT adapter in `folder`, for `model` (a
+    plain model). PEFT files carry no fingerprint of their base, so `check_base` has nothing to check."""
+    hf = read_json(folder / HF_CONFIG)
     if "peft_type" not in hf:
         raise AdapterFileError(f"{folder / HF_CONFIG} has no 'peft_type'; it is not a PEFT adapter config.")
     try:
@@ -107,11 +113,10 @@ def load_hf_adapter(model: nn.Module, folder: Path, name: str, trainable: bool) 
     except ConfigError as err:
         raise AdapterFileError(str(err)) from None
     tensors = _read_hf_tensors(folder)
-    raw = model.model if isinstance(model, TunedModel) else model
-    copy_sites, copy_state = _take_copies(hf, tensors, raw, spec.hf.module_prefix)
+    copy_sites, copy_state = _take_copies(hf, tensors, model, spec.hf.module_prefix)
     try:
-        config, state = spec.hf.from_hf(hf, tensors, raw)
+        config, state = spec.hf.from_hf(hf, tensors, model)
         config = config.replace(trainable_modules=copy_sites or None)
     except PeftkitError as err:
         raise AdapterFileError(f"cannot read PEFT adapter {folder}: {err}") from None
-    return install(model, config, {**state, **copy_state}, name, trainable)
+    return config, {**state, **copy_state}, None

@@ -1,0 +1,57 @@
+"""`peftkit.load`: an adapter folder (either format, detected) onto a model.
+
+A failed load leaves the model exactly as it was (modules, weights and ``requires_grad`` flags):
+files are read and checked before anything is attached, and `TunedModel.attach` undoes itself on
+any later error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import AdapterFileError
+from .files import FORMATS, INDEX, detect
+from .files.checked import read_json
+from .tuned import TunedModel
+
+
+def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, adapter: str | None = None,
+         trainable: bool = False, check_base: bool = True) -> TunedModel:
+    """Load adapter(s) from `path` onto `model`; the format (peftkit or Hugging Face PEFT) is detected.
+
+    Args:
+        name: the adapter's name on the model (default: the saved name, or "default").
+        adapter: in a multi-adapter folder, load only this one (default: all).
+        trainable: leave the loaded adapter trainable (default frozen, for inference).
+        check_base: refuse an adapter whose base fingerprint does not match the model.
+
+    Raises:
+        AdapterFileError: missing, truncated or corrupted files, an unknown format version, or an
+            adapter that does not fit the model. The model is left untouched.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"adapter folder {folder} does not exist.")
+    found = detect(folder)
+    if found is not None:
+        raw = model.model if isinstance(model, TunedModel) else model
+        config, state, saved_name = found.read(raw, folder, check_base)
+        tuned = model if isinstance(model, TunedModel) else TunedModel(model)
+        return tuned.attach(config, name or saved_name or "default", trainable=trainable, state=state)
+    if (folder / INDEX).is_file():
+        names = read_json(folder / INDEX).get("adapters", [])
+        chosen = [adapter] if adapter is not None else names
+        missing = [n for n in chosen if n not in names]
+        if missing:
+            raise AdapterFileError(f"{folder} holds adapters {names}, not {missing}.")
+        tuned = model
+        for n in chosen:
+            tuned = load(tuned, folder / n, name=n if name is None or len(chosen) > 1 else name,
+                         trainable=trainable, check_base=check_base)
+        return tuned
+    markers = ", ".join(f"{f.marker} ({f.name})" for f in FORMATS.values())
+    raise AdapterFileError(f"{folder} holds no adapter: expected {markers}, or {INDEX} (several adapters).")
+
