@@ -110,7 +110,7 @@ def fit_head(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
 def head_only(args: argparse.Namespace) -> None:
     from transformers import AutoModel, AutoTokenizer
 
-    from peftkit import assets
+    from peftkit.train import assets
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

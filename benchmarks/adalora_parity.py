@@ -22,7 +22,7 @@ def main(which: str, steps: int = 150, lr: float = 1e-3) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
-    from peftkit import assets
+    from peftkit.train import assets
 
     logging.set_verbosity_error()
     torch.set_num_threads(1)

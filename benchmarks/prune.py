@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def data(tok: Any, max_length: int, test: int) -> tuple[list[dict], list[dict]]:
-    from peftkit import assets
+    from peftkit.train import assets
 
     ds = assets.rotten_tomatoes()
     train = [r for r, held in zip(ds.records, ds.split, strict=True) if not held]
@@ -99,7 +99,8 @@ def main() -> None:
     from transformers.utils import logging
 
     import peftkit
-    from peftkit import assets, prune
+    from peftkit import prune
+    from peftkit.train import assets
 
     logging.set_verbosity_error()
     path = assets.model_path("minilm")

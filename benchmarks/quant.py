@@ -38,7 +38,7 @@ MB = 1 << 20
 
 
 def smollm2() -> str:
-    from peftkit import assets
+    from peftkit.train import assets
 
     return assets.model_path("smollm2")  # converts the embedded GGUF once, then cached
 

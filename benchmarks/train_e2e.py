@@ -57,7 +57,7 @@ def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool,
     )
     from transformers.utils import logging
 
-    from peftkit import assets
+    from peftkit.train import assets
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 import peftkit
-from peftkit import assets
+from peftkit.train import assets
 from peftkit.train import PeftkitCallback
 
 path = assets.model_path("minilm")

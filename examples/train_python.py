@@ -8,7 +8,7 @@ The same run as `peftkit train --max-steps 60 --method-options r=8,targets=[quer
 from transformers import AutoModelForSequenceClassification
 
 import peftkit
-from peftkit import assets
+from peftkit.train import assets
 from peftkit.train import TrainConfig, train
 
 result = train(TrainConfig(model="minilm", data="rotten-tomatoes", method="lora",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from peftkit import assets
+from peftkit.train import assets
 
 
 def test_rotten_tomatoes_fixed_split() -> None:

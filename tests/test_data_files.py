@@ -87,7 +87,7 @@ def test_missing_column_lists_columns(tmp_path) -> None:
 
 
 def test_unknown_dataset_name_suggests() -> None:
-    from peftkit.assets import AssetError
+    from peftkit.train.assets import AssetError
 
     with pytest.raises(AssetError, match="Did you mean: rotten-tomatoes"):
         load_source("rotten-tomatos", {})

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..core.atomic import atomic_folder, write_json
 from ..core.linear import Conv1D, is_linear, linear_weight
 from ..core.targets import iter_sites, set_site
 from ..errors import PeftkitError
@@ -32,15 +33,21 @@ class PrunedModelError(PeftkitError, OSError):
 
 
 def save_pruned(model: nn.Module, path: str | Path, report: PruneReport | None = None) -> Path:
-    """Write `model` with ``save_pretrained`` plus ``pruning.json``; returns the folder."""
+    """Write `model` with ``save_pretrained`` plus ``pruning.json`` into folder `path`, replacing it
+    in one step (an earlier pruned model there is replaced; a folder holding anything else is refused);
+    returns the folder."""
     folder = Path(path)
-    model.save_pretrained(str(folder))
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / PRUNING_FILE).is_file())):
+        raise PrunedModelError(f"refusing to overwrite {folder}: it is not empty and holds no pruned model; "
+                               "choose a new folder.")
     shapes = {name: list(linear_weight(m).shape) for name, m in iter_sites(model) if is_linear(m)}
     attributes = {name: {a: getattr(m, a) for a in _ATTRS if isinstance(getattr(m, a, None), int)}
                   for name, m in model.named_modules() if "attention" in type(m).__name__.lower()}
     doc = {"format": FORMAT, "version": 1, "shapes": shapes, "attributes": {k: v for k, v in attributes.items() if v},
            "report": report.as_dict() if report is not None else None}
-    (folder / PRUNING_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(str(tmp))
+        write_json(tmp / PRUNING_FILE, doc)
     return folder
 
 

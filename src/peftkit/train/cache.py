@@ -11,13 +11,13 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import assets
+from ..core.atomic import atomic_file
+from . import assets
 
 VERSION = 1
 
@@ -86,11 +86,7 @@ def _store(path: Any, seqs: list[list[int]]) -> None:
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int64)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tok-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file({"ids": ids, "offsets": offsets}, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file({"ids": ids, "offsets": offsets}, str(tmp))
     except OSError:  # a read-only or full cache only costs speed
-        if "tmp" in locals() and os.path.exists(tmp):
-            os.unlink(tmp)
+        pass

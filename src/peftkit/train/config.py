@@ -22,53 +22,71 @@ SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
 
 
+def _field(default: Any, help: str, **meta: Any) -> Any:
+    """A TrainConfig field; its metadata makes the ``peftkit train`` flag (see `peftkit.cli.train`):
+    ``help``, optional ``choices``, ``metavar``, and ``const`` (the value of the bare flag)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a run needs. Field names are the YAML keys; flags use dashes (``--batch-size``)."""
+    """Everything a run needs. Field names are the YAML keys; flags use dashes (``--batch-size``).
+    A None default means "decided by the task, the data or the method", as its help says."""
 
-    model: str = "minilm"
-    task: str | None = None  # None: from the dataset / model
-    data: str = "rotten-tomatoes"
-    eval_data: str | None = None  # None: a fixed held-out split of `data`
-    eval_fraction: float = 0.1  # held-out share when the data has no split of its own
-    text_field: str | None = None
-    label_field: str | None = None
-    prompt_field: str | None = None
-    response_field: str | None = None
-    method: str | None = None  # None: DEFAULT_METHOD
-    method_options: dict[str, Any] | None = None  # over the method's recommended training options
-    quantize: str | None = None
-    optimizer: str = "adamw"
-    lr: float | None = None  # None: the method's recommended rate, else TASK_LR / DEFAULT_LR
-    head_lr: float | None = None  # a new task head's rate; None: the method's recommended one, else lr
-    base_dropout: float | None = None  # dropout in the frozen base; None: the method's recommended one, else the model's
-    probe_head: bool | None = None  # fit a new task head on the untrained features first; None: the method's choice
-    weight_decay: float = 0.0
-    schedule: str = "linear"
-    warmup: float = 0.06  # < 1: a fraction of the steps; >= 1: a number of steps
-    max_grad_norm: float = 1.0
-    batch_size: int | None = None  # None: 32 for classification, 8 otherwise
-    grad_accum: int = 1
-    max_length: int | None = None  # None: 128 for classification, 256 otherwise
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    eval_every: int | None = None  # steps; None: at the end only
-    eval_batch_size: int | None = None  # None: 128 for classification, 16 otherwise (vocabulary-wide logits)
-    save_every: int | None = None  # checkpoint every N steps; None: eval_every, or 200
-    early_stopping: int | None = None  # evaluations without improvement before stopping
-    metric: str | None = None  # best-checkpoint metric; None: accuracy / loss
-    load_best: bool = False  # finish with the best evaluated adapter instead of the last one
-    seed: int = 0
-    out: str | None = None  # None: runs/<model>-<data>-<method>
-    resume: str | None = None  # "auto": <out>/checkpoint; or a checkpoint folder
-    eval_before: bool | None = None  # None: for classification
-    gradient_checkpointing: bool = False
-    group_by_length: bool = True
-    threads: int | None = None
-    tensorboard: bool = False
-    progress: bool = True
-    num_labels: int | None = None  # None: from the data
-    calibration_batches: int = 4  # for methods that set themselves up from data (SNIP / GraSP masks)
+    model: str = _field("minilm", "embedded name (minilm, smollm2) or a local Hugging Face model folder")
+    task: str | None = _field(None, "what to train: classification, instruction (loss on the response only) or lm "
+                                     "[from the data and model]", choices=TASKS)
+    data: str = _field("rotten-tomatoes", "embedded name (rotten-tomatoes, chatterbot, hamlet) or a "
+                                          "CSV / JSONL / JSON / Parquet / text file")
+    eval_data: str | None = _field(None, "held-out file [a fixed hash split of --data]")
+    eval_fraction: float = _field(0.1, "held-out share when the data has no split of its own")
+    text_field: str | None = _field(None, "column holding the text [text, sentence, content, ...]")
+    label_field: str | None = _field(None, "column holding the label [label, labels, category, ...]")
+    prompt_field: str | None = _field(None, "column holding the prompt [prompt, instruction, question, input]")
+    response_field: str | None = _field(None, "column holding the response [response, output, answer, completion]")
+    method: str | None = _field(None, f"a registered method (`peftkit methods`) [{DEFAULT_METHOD}]")
+    method_options: dict[str, Any] | None = _field(
+        None, "k=v,... over the method's recommended training options (`peftkit methods`; LoRA: every linear "
+              "layer), e.g. r=16,alpha=32,targets=[query,value] (YAML values)", metavar="K=V,...")
+    quantize: str | None = _field(None, "quantize the frozen base (QLoRA-style)", choices=("nf4", "fp4", "int8"))
+    optimizer: str = _field("adamw", "the optimizer", choices=OPTIMIZERS)
+    lr: float | None = _field(None, "peak learning rate [the method's recommended rate (`peftkit methods`), else "
+                                    "2e-3 for instruction, 1e-3 otherwise]")
+    head_lr: float | None = _field(None, "peak learning rate of a new task head (classification) [the method's, "
+                                         "else --lr]")
+    base_dropout: float | None = _field(None, "dropout probability inside the frozen base model (0: off) [the "
+                                              "method's recommended one (`peftkit methods`), else the model's own]")
+    probe_head: bool | None = _field(None, "fit a new classification head by logistic regression on the untrained "
+                                           "model's features before training [the method's choice: soft prompts do]")
+    weight_decay: float = _field(0.0, "AdamW weight decay of the trained parameters")
+    schedule: str = _field("linear", "learning-rate schedule after warmup", choices=SCHEDULES)
+    warmup: float = _field(0.06, "warmup: a fraction of the steps (< 1) or a number of steps")
+    max_grad_norm: float = _field(1.0, "gradient clipping by global norm (0: off)")
+    batch_size: int | None = _field(None, "examples per process per micro-batch [32 classification, 8 otherwise]")
+    grad_accum: int = _field(1, "micro-batches per optimizer step")
+    max_length: int | None = _field(None, "tokens per example [128 classification, 256 otherwise]")
+    epochs: float = _field(1.0, "passes over the training data")
+    max_steps: int | None = _field(None, "optimizer steps (overrides --epochs)")
+    eval_every: int | None = _field(None, "evaluate (and keep the best adapter) every N steps [at the end only]")
+    eval_batch_size: int | None = _field(None, "examples per evaluation batch [128 classification, 16 otherwise]")
+    save_every: int | None = _field(None, "checkpoint every N steps [--eval-every, or 200]")
+    early_stopping: int | None = _field(None, "stop after N evaluations without improvement")
+    metric: str | None = _field(None, "metric that picks the best adapter [accuracy for classification, else loss]")
+    load_best: bool = _field(False, "finish with the best evaluated adapter instead of the last one")
+    seed: int = _field(0, "seed of everything random: a new task head, the adapter's init, batch order, dropout")
+    out: str | None = _field(None, "run folder [runs/<model>-<data>-<method>]")
+    resume: str | None = _field(None, "continue from <out>/checkpoint, or from the checkpoint folder given",
+                                const="auto", metavar="CHECKPOINT")
+    eval_before: bool | None = _field(None, "evaluate before training [for classification]")
+    gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass: less memory, "
+                                                 "more time")
+    group_by_length: bool = _field(True, "draw each batch from a length-sorted pool (less padding); "
+                                         "--no-group-by-length for random batches")
+    threads: int | None = _field(None, "torch CPU threads [torch's default]")
+    tensorboard: bool = _field(False, "also log to <out>/tensorboard")
+    progress: bool = _field(True, "show a progress bar on stderr")
+    num_labels: int | None = _field(None, "number of classes [from the data]")
+    calibration_batches: int = _field(4, "training batches for data-scored methods (SNIP / GraSP masks)")
 
     def resolved(self) -> TrainConfig:
         """A copy with the task-dependent defaults filled in."""

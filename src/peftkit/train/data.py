@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import assets
+from . import assets
 from .cache import tokenize_cached
 from .config import TrainConfig
 from .files import DataError, pick_field, read_records
@@ -341,7 +340,3 @@ def _encode_lm(tok: Any, src: Source, eval_src: Source, train_rows: list[int], e
     train = Encoded.from_lists(train_blocks, train_blocks, per_token=True)
     test = Encoded.from_lists(test_blocks, test_blocks, per_token=True) if test_blocks else None
     return train, test, how
-
-
-def steps_per_epoch(n: int, global_batch: int) -> int:
-    return max(1, math.ceil(n / global_batch))

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .. import assets
 from ..errors import PeftkitError
+from . import assets
+from .hf_logging import quiet_transformers
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -47,23 +46,6 @@ def is_causal(path: str) -> bool:
     except (OSError, json.JSONDecodeError) as err:
         raise ModelError(f"cannot read {path}/config.json ({err}).") from None
     return any(str(a).endswith(CAUSAL_SUFFIXES) for a in config.get("architectures") or [])
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (e.g. "classifier newly initialised": that is expected)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def tokenizer(path: str) -> Any:

@@ -23,12 +23,14 @@ import torch
 from ..core.atomic import write_json
 from ..core.files import peftkit_format
 from ..core.registry import config as method_config
-from ..errors import ConfigError, PeftkitError
+from ..core.tuned import attach
+from ..errors import ConfigError
 from . import data as data_mod
 from . import models
 from .checkpoint import CheckpointError, read
 from .config import TrainConfig
 from .distributed import Dist, setup, teardown
+from .hf_logging import quiet_transformers
 from .log import RunLog
 from .trainer import Trainer
 
@@ -40,21 +42,6 @@ def default_out(cfg: TrainConfig) -> Path:
         return Path(s).stem if ("/" in s or "." in s) else s
 
     return Path("runs") / f"{slug(cfg.model)}-{slug(cfg.data)}-{cfg.method}"
-
-
-def quantize_base(model: torch.nn.Module, scheme: str) -> torch.nn.Module:
-    """Quantize the frozen base with `peftkit.quantize` (raises a clear error when unavailable)."""
-    try:
-        import peftkit
-
-        fn = getattr(peftkit, "quantize", None)
-        if fn is None:
-            from ..quant import quantize as fn  # type: ignore[no-redef]
-    except ImportError:
-        raise ConfigError(f"--quantize {scheme}: quantization is not available in this peftkit build "
-                          "(peftkit.quantize is missing); train without --quantize.") from None
-    result = fn(model, scheme)
-    return result if isinstance(result, torch.nn.Module) else model
 
 
 @dataclasses.dataclass
@@ -134,10 +121,8 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
     model = _load_model(job, prepared.num_labels, tok.pad_token_id)
     if cfg.base_dropout is not None:  # before attaching: the adapter's own dropout stays as configured
         models.set_dropout(model, cfg.base_dropout)
-    import peftkit
-
     torch.manual_seed(cfg.seed)
-    tuned = peftkit.attach(model, job.method_cfg)
+    tuned = attach(model, job.method_cfg)
     tuned.to(dist.device)
     if cfg.gradient_checkpointing:
         tuned.gradient_checkpointing_enable()
@@ -154,7 +139,7 @@ def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.n
         return models.load(job.model_path, job.task, num_labels, pad_id)
     task = "classification" if job.task == "classification" else "causal-lm"
     extra = {"num_labels": num_labels or 2} if task == "classification" else {}
-    with models.quiet_transformers():
+    with quiet_transformers():
         model = load_quantized(job.model_path, task=task, **quant, **extra)
     if task == "classification" and pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_id  # decoder classifiers pool the last non-pad token
@@ -198,15 +183,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     tok, prepared, tuned = _prepare(job, dist)
     calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist)
     summary = tuned.summary()
-    echo(f"peftkit train: {cfg.model} on {cfg.data} ({job.task}), method {cfg.method}"
-         + (f", {cfg.quantize} base" if cfg.quantize else "")
-         + (f", base dropout {cfg.base_dropout:g}" if cfg.base_dropout is not None else "")
-         + (f", {dist.world} processes" if dist.enabled else ""))
-    echo(f"  data: {prepared.meta['train_examples']} train / {prepared.meta['eval_examples']} held-out "
-         f"({prepared.meta['split']})")
-    echo(f"  trainable params: {summary.trainable:,} of {summary.total:,} ({summary.trainable_percent:.2f}%)")
-    if calibrated:
-        echo(f"  calibrated {', '.join(calibrated)} on {cfg.calibration_batches} training batches")
+    _announce(job, dist, prepared, summary, calibrated, echo)
     run_doc = {"config": cfg.to_dict(), "model_path": job.model_path, "data": prepared.meta,
                "label_names": prepared.label_names, "num_labels": prepared.num_labels, "world_size": dist.world}
     log = RunLog(out / "metrics.jsonl" if dist.main else None,
@@ -215,27 +192,11 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
         if resume is None and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
         write_json(out / RUN_FILE, run_doc, default=str)
-    best_dir = out / "best"
     trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist, log=log,
-                      save_best=(lambda: tuned.save(str(best_dir))) if cfg.eval_every else None)
-    before: dict[str, float] = {}
-    if resume is not None:
-        trainer.resume(resume)
-        echo(f"  resumed from {resume} at step {trainer.state['step']} of {trainer.total_steps}")
-    else:
-        if cfg.probe_head and job.task == "classification":
-            echo("  " + _probe(job, tuned, prepared, tok.pad_token_id, dist))
-        if cfg.eval_before is not False:
-            before = trainer.evaluate()
-            if before:
-                echo("  before: " + _fmt(before))
-    echo(f"  training {trainer.total_steps} steps of {trainer.global_batch} examples "
-         f"({trainer.steps_per_epoch} steps per epoch)")
+                      save_best=(lambda: tuned.save(str(out / "best"))) if cfg.eval_every else None)
+    before = _start(job, trainer, tuned, prepared, tok.pad_token_id, dist, resume, echo)
     result = trainer.fit()
-    metrics = result.metrics
-    if cfg.load_best and result.best and result.best["step"] != result.steps and (best_dir / "adapter.json").is_file():
-        tuned.load_adapter_state("default", peftkit_format.read_state(best_dir))
-        metrics = trainer.evaluate()
+    metrics = _final_metrics(job, trainer, tuned, result)
     adapter_dir = out / "adapter"
     if dist.main:
         tuned.save(str(adapter_dir))
@@ -251,6 +212,50 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     if dist.main:
         write_json(out / RUN_FILE, {**run_doc, "result": doc}, default=str)
     return doc
+
+
+def _announce(job: Job, dist: Dist, prepared: data_mod.Prepared, summary: Any, calibrated: list[str],
+              echo: Callable[[str], None]) -> None:
+    cfg = job.cfg
+    echo(f"peftkit train: {cfg.model} on {cfg.data} ({job.task}), method {cfg.method}"
+         + (f", {cfg.quantize} base" if cfg.quantize else "")
+         + (f", base dropout {cfg.base_dropout:g}" if cfg.base_dropout is not None else "")
+         + (f", {dist.world} processes" if dist.enabled else ""))
+    echo(f"  data: {prepared.meta['train_examples']} train / {prepared.meta['eval_examples']} held-out "
+         f"({prepared.meta['split']})")
+    echo(f"  trainable params: {summary.trainable:,} of {summary.total:,} ({summary.trainable_percent:.2f}%)")
+    if calibrated:
+        echo(f"  calibrated {', '.join(calibrated)} on {cfg.calibration_batches} training batches")
+
+
+def _start(job: Job, trainer: Trainer, tuned: Any, prepared: data_mod.Prepared, pad_id: int, dist: Dist,
+           resume: Path | None, echo: Callable[[str], None]) -> dict[str, float]:
+    """Resume from `resume`, or start fresh: fit a new head when the recipe says so, evaluate the start.
+    Returns the metrics before training (empty when resuming or not evaluated)."""
+    before: dict[str, float] = {}
+    if resume is not None:
+        trainer.resume(resume)
+        echo(f"  resumed from {resume} at step {trainer.state['step']} of {trainer.total_steps}")
+    else:
+        if job.cfg.probe_head and job.task == "classification":
+            echo("  " + _probe(job, tuned, prepared, pad_id, dist))
+        if job.cfg.eval_before is not False:
+            before = trainer.evaluate()
+            if before:
+                echo("  before: " + _fmt(before))
+    echo(f"  training {trainer.total_steps} steps of {trainer.global_batch} examples "
+         f"({trainer.steps_per_epoch} steps per epoch)")
+    return before
+
+
+def _final_metrics(job: Job, trainer: Trainer, tuned: Any, result: Any) -> dict[str, float]:
+    """The last evaluation, or with ``--load-best`` the best adapter put back and evaluated."""
+    best_dir = job.out / "best"
+    best = result.best
+    if job.cfg.load_best and best and best["step"] != result.steps and (best_dir / peftkit_format.META).is_file():
+        tuned.load_adapter_state("default", peftkit_format.read_state(best_dir))
+        return trainer.evaluate()
+    return result.metrics
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -270,4 +275,4 @@ def load_run(adapter_dir: str | Path) -> dict[str, Any] | None:
     return None
 
 
-__all__ = ["Job", "PeftkitError", "load_run", "plan", "train"]
+__all__ = ["Job", "load_run", "plan", "train"]

@@ -26,14 +26,14 @@ import glob
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PeftkitError, did_you_mean
+from ..core.atomic import atomic_folder
+from ..errors import PeftkitError, did_you_mean
+from .hf_logging import quiet_transformers
 
 MODELS = ("minilm", "smollm2")
 DATASETS = ("rotten-tomatoes", "chatterbot", "hamlet")
@@ -100,29 +100,16 @@ def _smollm2_folder() -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train.models import quiet_transformers
-
     print(f"peftkit: converting the embedded SmolLM2 GGUF to an fp32 folder in {target} (once; about a minute)",
           file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-            model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with quiet_transformers(), atomic_folder(target) as tmp:
+        tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
     return target
 
 
