@@ -88,7 +88,3 @@ def test_user_mistake_is_a_clear_error_and_changes_nothing(tmp_path, what, error
     assert not any(isinstance(m, peftkit.TunedModel) for m in model.modules())
     after = snapshot(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_there_are_at_least_fifteen_mistakes():
-    assert len(MISTAKES) >= 15

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import *  # noqa: F403
 
 from peftkit import cli
 

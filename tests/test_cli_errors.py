@@ -7,8 +7,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from test_train_support import *  # noqa: F403
-from test_train_support import sentiment_rows, write_csv
+from support import sentiment_rows, write_csv
 
 from peftkit import cli
 

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from test_train_support import *  # noqa: F403
-from test_train_support import VOCAB, chat_rows, sentiment_rows, write_csv, write_jsonl
+from support import VOCAB, chat_rows, sentiment_rows, write_csv, write_jsonl
 
 from peftkit.train import cache, files
 from peftkit.train.batches import collate, epoch_batches, micro_batches, pool_batches

@@ -164,7 +164,22 @@ def test_pack_roundtrip_and_config_errors():
         peftkit.config("sparse_adapter", base="lroa")
     with pytest.raises(peftkit.errors.ConfigError, match="base_options"):
         peftkit.config("sparse_adapter", base="lora", base_options={"rank": 4})
-    assert isinstance(MaskedDelta, type)
+
+
+def test_a_mask_wraps_a_delta_without_changing_what_it_is():
+    from torch import nn
+
+    from peftkit.methods.reparameterized.adalora import AdaLoraLinear
+    from peftkit.methods.reparameterized.lora import LoraLinear
+
+    inner = LoraLinear(nn.Linear(6, 4), r=2, scaling=1.0, dropout=0.0, dora=False, init="random")
+    masked = MaskedDelta(inner, ["A", "B"])
+    assert masked.hooks == inner.hooks and masked.mergeable and masked.form == "mask"
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(masked.contribution(x, nn.Identity(), x), inner.contribution(x, nn.Identity(), x))
+    adalora = AdaLoraLinear(nn.Linear(6, 4), r=2, scaling=1.0, dropout=0.0, orth_weight=0.0)
+    with pytest.raises(peftkit.errors.ConfigError, match="its own way"):  # pruned ranks: not a plain state_dict
+        MaskedDelta(adalora, ["A"])
 
 
 def test_two_sparse_parts_in_one_adapter_keep_their_own_settings():

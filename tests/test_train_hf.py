@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import *  # noqa: F403
-from test_train_support import chat_rows, sentiment_rows
+from support import chat_rows, sentiment_rows
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 import peftkit

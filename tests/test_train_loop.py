@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import *  # noqa: F403
-from test_train_support import adapter_tensors, save_tiny_bert
+from support import adapter_tensors, save_tiny_bert
 
 import peftkit
 from peftkit.train.checkpoint import CheckpointError

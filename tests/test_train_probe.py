@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
+from support import save_tiny_bert
 from test_train_loop import run
-from test_train_support import *  # noqa: F403
-from test_train_support import save_tiny_bert
 
 import peftkit
 from peftkit.train import data as data_mod

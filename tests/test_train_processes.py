@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-from test_train_support import *  # noqa: F403
-from test_train_support import adapter_tensors
+from support import adapter_tensors
 
 from peftkit.train.config import TrainConfig
 from peftkit.train.run import train

@@ -114,28 +114,19 @@ def blocks(model: nn.Module) -> list[BlockRoles]:
     return [_block_roles(f"{name}.{i}", layer) for i, layer in enumerate(layers)]
 
 
-def attention_qv(model: nn.Module) -> list[str]:
-    """Query and value projections of every block (the fused qkv projection where there is one)."""
-    names = []
-    for roles in blocks(model):
-        found = roles.query + roles.value or roles.fused_qkv
-        if not found:
-            raise TargetError(
-                f"cannot recognise the query/value projections in {roles.attention}; set targets=[...] explicitly."
-            )
-        names.extend(found)
-    return names
+def projections(model: nn.Module, *roles: str) -> list[str]:
+    """The attention projections playing `roles` (of "query", "key", "value") in every block, or the
+    fused qkv projection where a block has one: ``projections(model, "query", "value")``.
 
-
-def key_value(model: nn.Module) -> list[str]:
-    """Key and value projections of every block (the fused qkv projection where there is one)."""
+    Raises:
+        TargetError: a block where neither can be recognised (the message says to set targets).
+    """
     names = []
-    for roles in blocks(model):
-        found = roles.key + roles.value or roles.fused_qkv
+    for block in blocks(model):
+        found = [n for role in roles for n in getattr(block, role)] or block.fused_qkv
         if not found:
-            raise TargetError(
-                f"cannot recognise the key/value projections in {roles.attention}; set targets=[...] explicitly."
-            )
+            raise TargetError(f"cannot recognise the {'/'.join(roles)} projections in {block.attention}; "
+                              "set targets=[...] explicitly.")
         names.extend(found)
     return names
 

@@ -81,7 +81,7 @@ def plan(model: nn.Module, config: IA3Config) -> tuple[Any, list[str]]:
         return config.targets, feedforward
     option = "targets=[...] and feedforward=[...]"
     ffn = [arch.require(roles, "ffn_out", option) for roles in arch.blocks(model)]
-    return arch.key_value(model) + ffn, feedforward or ffn
+    return arch.projections(model, "key", "value") + ffn, feedforward or ffn
 
 
 def is_input_scaled(site: str, feedforward: list[str]) -> bool:

@@ -191,7 +191,7 @@ class AdaLoraLinear(Delta):
 
 
 def build(model: nn.Module, config: AdaLoraConfig) -> Attachment:
-    targets = config.targets if config.targets is not None else arch.attention_qv(model)
+    targets = config.targets if config.targets is not None else arch.projections(model, "query", "value")
     sites = select(model, targets, exclude=config.exclude, layers=config.layers, accept=is_linear,
                    accept_label="Linear and Conv1D layers")
     budget, initial = config.target_budget(len(sites)), config.init_r * len(sites)

@@ -155,7 +155,7 @@ def _own_bias(module: nn.Module) -> bool:
 
 
 def build(model: nn.Module, config: LoraConfig) -> Attachment:
-    targets = config.targets if config.targets is not None else arch.attention_qv(model)
+    targets = config.targets if config.targets is not None else arch.projections(model, "query", "value")
     sites = select(model, targets, exclude=config.exclude, layers=config.layers, accept=_supported,
                    accept_label="Linear, Conv1D and Embedding layers")
     attachment = Attachment()

@@ -1,6 +1,5 @@
-"""Shared fixtures for the trainer / data / CLI tests: tiny model folders with a word-level
-tokenizer, and small synthetic data files. (No tests in here; imported by test_train*, test_cli*,
-test_data*.)"""
+"""Helpers for the trainer / data / CLI tests: tiny model folders with a word-level tokenizer, and
+small synthetic data files. Their session fixtures are in conftest.py."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
@@ -20,9 +18,6 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
-
-__all__ = ["adapter_tensors", "bert_dir", "chat_jsonl", "chat_rows", "isolated_cache", "llama_dir",
-           "save_tiny_bert", "save_tiny_llama", "sentiment_csv", "sentiment_rows", "write_csv", "write_jsonl"]
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
 WORDS = ["good", "bad", "great", "awful", "movie", "film", "plot", "actor", "the", "a", "was", "is", "very",
@@ -101,36 +96,6 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="session")
-def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="session")
-def sentiment_csv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", sentiment_rows())
-
-
-@pytest.fixture(scope="session")
-def chat_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", chat_rows())
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """A private peftkit cache, and one torch thread: tiny models only lose to thread hand-offs."""
-    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path_factory.getbasetemp() / "peftkit-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
