@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from torch import nn
 
 from ..errors import TargetError, closest
+from .host import Host
 from .linear import is_linear
 
 Spec = str | Sequence[str] | None
@@ -36,8 +37,6 @@ def iter_sites(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     A module already wrapped by peftkit appears once, under its own name and as its original
     layer; the wrapper's internals (base layer, deltas) are not offered as sites.
     """
-    from .host import Host  # local import: host depends on nothing here
-
     stack: list[tuple[str, nn.Module]] = [("", model)]
     while stack:
         name, module = stack.pop()
@@ -233,8 +232,6 @@ def get_site(model: nn.Module, name: str) -> nn.Module:
 
 def base_at(model: nn.Module, name: str) -> nn.Module:
     """The original module at site `name`, under any peftkit wrapper: what a builder adapts."""
-    from .host import Host
-
     module = get_site(model, name)
     return module.base_layer if isinstance(module, Host) else module
 

@@ -12,6 +12,7 @@ from torch import nn
 from ..core.host import Host
 from ..core.linear import LINEAR_TYPES
 from ..core.targets import LayerSpec, Spec, get_site, iter_sites, select, set_site
+from ..core.tuned import TunedModel
 from ..errors import AdapterStateError, TargetError
 from . import backends, memory
 from .linear import QuantLinear
@@ -19,8 +20,6 @@ from .spec import QuantSpec, parse_dtype
 
 
 def _raw(model: nn.Module) -> nn.Module:
-    from ..core.tuned import TunedModel  # local: tuned imports io, which is heavier
-
     return model.model if isinstance(model, TunedModel) else model
 
 

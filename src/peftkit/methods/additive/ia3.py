@@ -12,7 +12,6 @@ Training recipe (`peftkit methods`): learning rate 1e-2.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +32,19 @@ class IA3Config(SiteConfig):
 
     method = "ia3"
     feedforward: Spec = None
+
+    def placement(self, model: nn.Module) -> tuple[Spec, list[str]]:
+        """(target spec, entries of the layers scaled on their input), defaults filled in for `model`."""
+        feedforward = as_entries(self.feedforward)
+        if self.targets is not None:
+            return self.targets, feedforward
+        option = "targets=[...] and feedforward=[...]"
+        ffn = [arch.require(roles, "ffn_out", option) for roles in arch.blocks(model)]
+        return arch.projections(model, "key", "value") + ffn, feedforward or ffn
+
+    @staticmethod
+    def scales_input(site: str, feedforward: list[str]) -> bool:
+        return any(matches(entry, site) for entry in feedforward)
 
 
 class _Scale(Delta):
@@ -74,28 +86,14 @@ class ScaleInput(_Scale):
         assign_linear_weight(base, weight * self.scale.to(weight.dtype).unsqueeze(0))
 
 
-def plan(model: nn.Module, config: IA3Config) -> tuple[Any, list[str]]:
-    """(target spec, feed-forward entries) for `config` on `model`, defaults filled in."""
-    feedforward = as_entries(config.feedforward)
-    if config.targets is not None:
-        return config.targets, feedforward
-    option = "targets=[...] and feedforward=[...]"
-    ffn = [arch.require(roles, "ffn_out", option) for roles in arch.blocks(model)]
-    return arch.projections(model, "key", "value") + ffn, feedforward or ffn
-
-
-def is_input_scaled(site: str, feedforward: list[str]) -> bool:
-    return any(matches(entry, site) for entry in feedforward)
-
-
 def build(model: nn.Module, config: IA3Config) -> Attachment:
-    targets, feedforward = plan(model, config)
+    targets, feedforward = config.placement(model)
     sites = select(model, targets, exclude=config.exclude, layers=config.layers, accept=is_linear,
                    accept_label="Linear and Conv1D layers")
     attachment = Attachment()
     for site in sites:
         base = base_at(model, site)
-        attachment.add(site, "ia3", ScaleInput(base) if is_input_scaled(site, feedforward) else ScaleOutput(base))
+        attachment.add(site, "ia3", ScaleInput(base) if config.scales_input(site, feedforward) else ScaleOutput(base))
     return attachment
 
 

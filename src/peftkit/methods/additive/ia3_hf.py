@@ -16,6 +16,7 @@ from torch import nn
 
 from ...core.linear import Conv1D
 from ...core.registry import HfCodec
+from ...core.registry import config as make_config
 from ...core.targets import base_at, iter_sites
 from ...errors import ConfigError
 
@@ -24,13 +25,11 @@ _SUFFIX = ".ia3_l"
 
 
 def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from .ia3 import is_input_scaled, plan
-
-    _, feedforward_entries = plan(model, config)
+    _, feedforward_entries = config.placement(model)
     tensors, targets, feedforward, conv1d = {}, [], [], False
     for key, value in state.items():
         site = key.rsplit(".", 2)[0]
-        on_input = is_input_scaled(site, feedforward_entries)
+        on_input = config.scales_input(site, feedforward_entries)
         targets.append(site)
         if on_input:
             feedforward.append(site)
@@ -48,8 +47,6 @@ def _peft_matches(spec: Any, site: str) -> bool:
 
 
 def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    from ...core.registry import config as make_config
-
     if hf.get("exclude_modules"):
         raise ConfigError("this PEFT IA3 adapter uses exclude_modules, which peftkit does not read.")
     state, sites, feedforward = {}, [], []

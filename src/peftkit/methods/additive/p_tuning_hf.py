@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...core.registry import HfCodec
+from ...core.registry import config as make_config
 from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, require_shifted, the_table
 
 
@@ -27,8 +28,6 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
 
 
 def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    from ...core.registry import config as make_config
-
     table = read_table(hf, tensors)
     encoder = str(hf.get("encoder_reparameterization_type") or "MLP").lower()
     config = make_config("p_tuning", num_virtual_tokens=int(table.shape[0]),

@@ -15,6 +15,7 @@ from torch import nn
 
 from ...core import arch
 from ...core.registry import HfCodec
+from ...core.registry import config as make_config
 from ...errors import ConfigError
 from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, require_shifted, the_table
 
@@ -40,8 +41,6 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
 
 
 def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    from ...core.registry import config as make_config
-
     table = read_table(hf, tensors)
     blocks = len(arch.blocks(model))
     if int(hf.get("num_layers", blocks)) != blocks:

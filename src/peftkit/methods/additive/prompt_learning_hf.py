@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.forms.input import shifts_positions
 from ...errors import ConfigError
 
 KEY = "prompt_embeddings"
@@ -20,8 +21,6 @@ MODULE_PREFIX = "base_model."
 
 def require_shifted(config: Any, model: nn.Module) -> None:
     """PEFT always puts the real tokens after the virtual ones / the prefix; refuse what it cannot express."""
-    from ...core.forms.input import shifts_positions
-
     if not shifts_positions(model, config.shift_positions):
         raise ConfigError(f"PEFT always starts the real tokens after the {config.method} tokens, but this adapter keeps "
                           "their own positions (shift_positions=False; None means False on bidirectional encoders such "

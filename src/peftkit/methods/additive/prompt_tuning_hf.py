@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ...core.registry import HfCodec
+from ...core.registry import config as make_config
 from .prompt_learning_hf import KEY, MODULE_PREFIX, common_fields, read_table, require_shifted, the_table
 
 _INIT_TO_HF = {"random": "RANDOM", "vocabulary": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -29,8 +30,6 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
 
 
 def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    from ...core.registry import config as make_config
-
     table = read_table(hf, tensors)
     # The init only matters before training; a TEXT init is not replayed (it would need the tokenizer).
     init = "random" if hf.get("prompt_tuning_init") == "RANDOM" else "vocabulary"

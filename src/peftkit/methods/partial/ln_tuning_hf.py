@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ...core.registry import HfCodec
+from ...core.registry import config as make_config
 from ...errors import ConfigError
 
 PREFIX = "base_model.model."
@@ -30,8 +31,6 @@ def to_hf(config: Any, state: dict[str, torch.Tensor], model: nn.Module) -> tupl
 
 
 def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    from .ln_tuning import LnTuningConfig  # the config module imports this codec
-
     state, sites = {}, []
     for key, value in tensors.items():
         if not key.startswith(PREFIX) or MARK not in key:
@@ -42,7 +41,7 @@ def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Modu
         state[f"{site}{SLOT_MARK}{param.replace('.', '__')}"] = value
     if not sites:
         raise ConfigError("the LN_TUNING adapter holds no tuned norm layer")
-    return LnTuningConfig(targets=sites), state
+    return make_config("ln_tuning", targets=sites), state
 
 
 LN_TUNING_CODEC = HfCodec(peft_type="LN_TUNING", to_hf=to_hf, from_hf=from_hf)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...core.linear import Conv1D
 from ...core.registry import HfCodec
+from ...core.registry import config as make_config
 from ...core.targets import base_at, iter_sites
 from ...errors import ConfigError
 
@@ -82,8 +83,6 @@ def _masks(hf: dict[str, Any], sites: list[str], init_r: int) -> dict[str, torch
 
 
 def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    from ...core.registry import config as make_config
-
     odd = [f"{k}={hf[k]!r}" for k, default in _UNSUPPORTED.items() if hf.get(k, default) not in (default, [], {})]
     if odd:
         raise ConfigError(f"this PEFT AdaLoRA adapter uses options peftkit does not support: {', '.join(odd)}.")

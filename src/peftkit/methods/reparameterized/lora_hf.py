@@ -17,6 +17,7 @@ from torch import nn
 
 from ...core.linear import Conv1D
 from ...core.registry import HfCodec
+from ...core.registry import config as make_config
 from ...core.targets import base_at, iter_sites
 from ...errors import ConfigError
 
@@ -78,8 +79,6 @@ def _pattern_value(patterns: dict[str, Any], site: str) -> Any:
 
 
 def from_hf(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> tuple[Any, dict[str, torch.Tensor]]:
-    from ...core.registry import config as make_config
-
     odd = [k for k, default in _UNSUPPORTED.items() if hf.get(k, default) not in (default, [], {})]
     init = hf.get("init_lora_weights", True)
     if init not in _INIT_FROM_HF:
