@@ -8,8 +8,9 @@ its *form* is simply which hooks it fills in (see DESIGN.md):
     y = y + weight * contribution(h, base, y)   # reparam / parallel form  (LoRA, parallel adapter)
     y = transform_output(y)                     # sequential / scale form  (bottleneck adapter, IA3)
 
-The `Delta` protocol lives in `delta.py`. The host never names a method. Merge state is derived from the list of merged adapter names;
-`forward` never merges or unmerges.
+The `Delta` protocol lives in `protocol.py`; the deltas the engine owns (the select form) and the
+model-level forms are in `forms/`. The host never names a method. Merge state is derived from the
+list of merged adapter names; `forward` never merges or unmerges.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`QuantLinear`: a frozen linear layer whose weight lives in quantized storage.
 
-It implements the core's quantized-layer protocol (`core/layers.py`): ``in_features``,
+It implements the core's quantized-layer protocol (`core/linear.py`): ``in_features``,
 ``out_features``, ``dequantized_weight()`` and ``load_dequantized_weight(w)``, plus
 ``dequantized_module()`` (the full-precision layer it stands for), so every method that reads
 or folds linear weights works on it unchanged.

@@ -5,7 +5,7 @@ prompt encoder over learned inputs while training: ``P = enc(E)``, E ∈ R^{k×d
 ``encoder="mlp"``: Linear(d, h) → ReLU → Linear(h, h) → ReLU → Linear(h, d), or ``"lstm"``: a
 2-layer bidirectional LSTM (hidden h) → Linear(2h, 2h) → ReLU → Linear(2h, d) (PEFT's encoders).
 Only P is saved; a loaded P is stored directly. Masks, labels and `generate()` as in
-`virtual_tokens.py`.
+`core/forms/input.py`.
 
 Placement: the model's input embeddings. Init: E ~ N(0, 1), encoder default init (PEFT's).
 Defaults: k = 20, encoder = mlp, h = d. Not mergeable.
@@ -36,7 +36,7 @@ class PTuningConfig(MethodConfig):
 
     method = "p_tuning"
     num_virtual_tokens: int = 20
-    shift_positions: bool | None = None  # None: True on decoders, False on encoders (virtual_tokens.py)
+    shift_positions: bool | None = None  # None: True on decoders, False on encoders (core/forms/input.py)
     encoder: str = "mlp"
     encoder_hidden: int | None = None
 

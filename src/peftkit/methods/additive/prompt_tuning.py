@@ -3,7 +3,7 @@
 k trainable embeddings ("soft prompt") are put before the input embeddings:
 ``model([P; E(x)])``, P ∈ R^{k×d}; the attention mask, token-type ids, position ids and token-level
 labels are extended (labels −100 on the prompt), outputs are cut back to the real tokens, and
-`generate()` injects the prompt in the prefill step only (see `virtual_tokens.py`).
+`generate()` injects the prompt in the prefill step only (the engine's *input* form, `core/forms/input.py`).
 
 Placement: the model's input embeddings (``get_input_embeddings()``), any architecture.
 Init: ``"vocabulary"`` (embeddings of k random vocabulary tokens, the default), ``"random"``
