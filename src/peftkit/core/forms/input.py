@@ -107,6 +107,11 @@ class VirtualTokens(ModelDelta):
         self._lengths: list[int] = []  # sequence length after each pending prepare (for finish)
         self._generated: list[int] = []
 
+    @classmethod
+    def for_model(cls, model: nn.Module, table: LearnedTable, shift_positions: bool | None) -> VirtualTokens:
+        """Virtual tokens from `table` for `model`, a method's ``shift_positions`` option resolved."""
+        return cls(table, placeholder_id(model), shifts_positions(model, shift_positions))
+
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"values": self.table.export()}
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...core.config import MethodConfig, check
-from ...core.forms.input import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
+from ...core.forms.input import VirtualTokens, input_embeddings
 from ...core.forms.table import LearnedTable
 from ...core.registry import Attachment, MethodSpec, register
 from .p_tuning_hf import P_TUNING_CODEC
@@ -74,10 +74,7 @@ def build(model: nn.Module, config: PTuningConfig) -> Attachment:
     kw: dict[str, Any] = {"dtype": torch.float32, "device": weight.device}
     encoder = prompt_encoder(config.encoder, dim, config.encoder_hidden or dim, **kw)
     table = LearnedTable(torch.randn(config.num_virtual_tokens, dim, **kw), encoder)
-    attachment = Attachment()
-    shift = shifts_positions(model, config.shift_positions)
-    attachment.model_deltas["prompt"] = VirtualTokens(table, placeholder_id(model), shift)
-    return attachment
+    return Attachment(model_deltas={"prompt": VirtualTokens.for_model(model, table, config.shift_positions)})
 
 
 register(MethodSpec(

@@ -84,10 +84,8 @@ def build(model: nn.Module, config: PrefixTuningConfig) -> Attachment:
         table = LearnedTable(torch.randn(n, dim, **kw), mlp)
     else:
         table = LearnedTable(torch.randn(n, 2 * len(names) * dim, **kw))
-    attachment = Attachment()
     shift = shifts_positions(model, config.shift_positions)
-    attachment.model_deltas["prefix"] = KeyValuePrefix(table, names, kv_heads, head_dim, shift)
-    return attachment
+    return Attachment(model_deltas={"prefix": KeyValuePrefix(table, names, kv_heads, head_dim, shift)})
 
 
 register(MethodSpec(

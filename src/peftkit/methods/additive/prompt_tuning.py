@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...core.config import MethodConfig, check
-from ...core.forms.input import VirtualTokens, input_embeddings, placeholder_id, shifts_positions
+from ...core.forms.input import VirtualTokens, input_embeddings
 from ...core.forms.table import LearnedTable
 from ...core.registry import Attachment, MethodSpec, register
 from ...errors import ConfigError
@@ -83,10 +83,7 @@ def initial_prompt(model: nn.Module, config: PromptTuningConfig, k: int) -> torc
 
 def build(model: nn.Module, config: PromptTuningConfig) -> Attachment:
     table = LearnedTable(initial_prompt(model, config, config.num_virtual_tokens))
-    attachment = Attachment()
-    shift = shifts_positions(model, config.shift_positions)
-    attachment.model_deltas["prompt"] = VirtualTokens(table, placeholder_id(model), shift)
-    return attachment
+    return Attachment(model_deltas={"prompt": VirtualTokens.for_model(model, table, config.shift_positions)})
 
 
 register(MethodSpec(
