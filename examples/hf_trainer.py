@@ -17,8 +17,7 @@ from transformers import (
 )
 
 import peftkit
-from peftkit.train import assets
-from peftkit.train import PeftkitCallback
+from peftkit.train import PeftkitCallback, assets
 
 path = assets.model_path("minilm")
 tok = AutoTokenizer.from_pretrained(path)

@@ -8,8 +8,7 @@ The same run as `peftkit train --max-steps 60 --method-options r=8,targets=[quer
 from transformers import AutoModelForSequenceClassification
 
 import peftkit
-from peftkit.train import assets
-from peftkit.train import TrainConfig, train
+from peftkit.train import TrainConfig, assets, train
 
 result = train(TrainConfig(model="minilm", data="rotten-tomatoes", method="lora",
                            method_options={"r": 8, "targets": ["query", "value"]},
