@@ -230,3 +230,44 @@ def test_no_pickle_in_adapter_files(tmp_path):
     trained().save(tmp_path / "h", format="hf-peft")
     names = sorted(p.name for p in (tmp_path / "a").iterdir()) + sorted(p.name for p in (tmp_path / "h").iterdir())
     assert names == ["adapter.json", "adapter.safetensors", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_trained_head_loads_onto_any_freshly_loaded_base(tmp_path):
+    """The README's flow: a classifier's adapter (its new task head saved whole) loads onto the user's
+    own `from_pretrained(path, num_labels=2)`, whose head is freshly random each time — every time,
+    with no warning, and computes what the trained model computed."""
+    import warnings
+
+    from support import save_tiny_bert
+    from transformers import BertForSequenceClassification
+
+    folder = save_tiny_bert(tmp_path / "encoder", head=False)
+    torch.manual_seed(100)
+    tuned = peftkit.attach(BertForSequenceClassification.from_pretrained(folder, num_labels=2), peftkit.config("lora"))
+    with torch.no_grad():
+        for p in tuned.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tuned.save(tmp_path / "a")
+    tuned.save(tmp_path / "hf", format="hf-peft")
+    ids = torch.randint(5, 30, (3, 7), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    tuned.eval()
+    expected = output_tensor(tuned(**inputs))
+    for seed in range(20):
+        torch.manual_seed(seed)  # a different random head every time
+        for path in (tmp_path / "a", tmp_path / "hf"):
+            fresh = BertForSequenceClassification.from_pretrained(folder, num_labels=2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                loaded = peftkit.load(fresh, path).eval()
+            torch.testing.assert_close(output_tensor(loaded(**inputs)), expected, atol=1e-6, rtol=0)
+
+
+def test_an_adapter_for_another_architecture_says_so(tmp_path):
+    gpt2_prefix = peftkit.attach(BUILDERS["gpt2"](), peftkit.config("prefix_tuning", num_virtual_tokens=3))
+    gpt2_prefix.save(tmp_path / "p")
+    model = tiny_bert()
+    snap = snapshot(model)
+    with pytest.raises(peftkit.errors.BaseMismatchError, match=r"trained on a GPT2LMHeadModel \(gpt2\).*bert"):
+        peftkit.load(model, tmp_path / "p")
+    assert_untouched(model, snap)

@@ -31,6 +31,22 @@ class AdapterFileError(PeftkitError, OSError):
     """An adapter file or folder is missing, corrupt, or does not fit the model."""
 
 
+class BaseMismatchError(AdapterFileError):
+    """An adapter's recorded base does not match the model it is loaded onto. The message ends with
+    how to skip the check where the user is: ``check_base=False`` in Python (`skip`), a flag on the
+    command line."""
+
+    def __init__(self, problem: str, skip: str = "pass check_base=False") -> None:
+        super().__init__(problem, skip)
+        self.problem, self.skip = problem, skip
+
+    def __str__(self) -> str:
+        return f"{self.problem}, or {self.skip} to load it anyway."
+
+    def with_skip(self, skip: str) -> BaseMismatchError:
+        return BaseMismatchError(self.problem, skip)
+
+
 class QuantizedMergeWarning(UserWarning):
     """Merging into a quantized base re-quantized it: outputs moved by the quantization error."""
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterFileError, ConfigError
+from ..errors import AdapterFileError, BaseMismatchError, ConfigError
 
 
 def subcommand(subs: Any, name: str, help_: str, example: str) -> argparse.ArgumentParser:
@@ -38,6 +38,8 @@ def emit(args: argparse.Namespace, doc: dict[str, Any], text: str) -> None:
 def add_adapter_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--adapter", required=required, help="adapter folder (a run's adapter/, best/ or checkpoint/)")
     p.add_argument("--model", help="base model: embedded name or folder [from the run's run.json]")
+    p.add_argument("--check-base", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse an adapter whose recorded base does not match the model")
 
 
 def adapter_folder(path: str) -> Path:
@@ -70,6 +72,9 @@ def load_tuned(args: argparse.Namespace, task: str, num_labels: int | None = Non
     scheme = (run or {}).get("config", {}).get("quantize")
     if scheme:
         quantize(model, scheme)
-    tuned = load(model, folder)
+    try:
+        tuned = load(model, folder, check_base=args.check_base)
+    except BaseMismatchError as err:
+        raise err.with_skip("pass --no-check-base") from None
     tuned.eval()
     return tok, tuned, run

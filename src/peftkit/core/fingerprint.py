@@ -1,13 +1,19 @@
-"""A fingerprint of the base an adapter was trained on: architecture, the shapes at its sites,
-an exact hash of the targeted weights and a coarse per-tensor sketch (mean, rms).
+"""A fingerprint of the base an adapter was trained on, covering exactly what the adapter does not
+carry: the model type and geometry, the shapes at its sites, an exact hash of the targeted weights
+and a coarse per-tensor sketch (mean, rms).
 
-The hash tells "same weights, bit for bit"; when it differs, the sketch tells "the same model in
-another precision or quantization" (close statistics) from "a different model" (not close).
+Sites the adapter stores whole (a task head, ``trainable_modules``, tuned norms or blocks: the select
+form's full copies) are left out of the hash and the sketch: their base values are never used, and a
+new task head is freshly (randomly) initialised on every load. The hash tells "same weights, bit for
+bit"; when it differs, the sketch tells "the same model in another precision or quantization" (close
+statistics) from "a different model" (not close).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,13 +23,15 @@ from .host import Host
 from .linear import dense_copy, is_quantized
 
 SKETCH_TOLERANCE = 0.05  # relative to the tensor's rms; dtype/quantization changes stay well inside
+GEOMETRY = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size")
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def _site_tensors(model: nn.Module, sites: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def _site_tensors(model: nn.Module, sites: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
     out = {}
     for site in sites:
         module = model.get_submodule(site)
@@ -37,13 +45,25 @@ def _site_tensors(model: nn.Module, sites: list[str]) -> dict[str, dict[str, tor
     return out
 
 
-def fingerprint(model: nn.Module, sites: list[str]) -> dict[str, Any]:
-    """Fingerprint of `model` at `sites` (module names of the raw model)."""
+def geometry(model: nn.Module) -> dict[str, int]:
+    """The sizes in the model's config that any adapter depends on."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return {k: v for k in GEOMETRY if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool)}
+
+
+def fingerprint(model: nn.Module, sites: list[str], whole: Iterable[str] = ()) -> dict[str, Any]:
+    """Fingerprint of `model` at `sites` (module names of the raw model); `whole` are the sites the
+    adapter stores whole, whose shapes are recorded but not their values."""
+    whole = set(whole)
     digest = hashlib.sha256()
     shapes: dict[str, dict[str, list[int]]] = {}
     sketch: dict[str, dict[str, list[float]]] = {}
     for site, tensors in _site_tensors(model, sites).items():
         shapes[site] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+        if site in whole:
+            continue
         sketch[site] = {}
         for key, t in sorted(tensors.items()):
             digest.update(f"{site}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -56,40 +76,61 @@ def fingerprint(model: nn.Module, sites: list[str]) -> dict[str, Any]:
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "geometry": geometry(model),
         "shapes": shapes,
+        "whole": sorted(whole & set(shapes)),
         "weights_sha256": digest.hexdigest(),
         "sketch": sketch,
     }
 
 
-def compare(saved: dict[str, Any], model: nn.Module) -> tuple[list[str], list[str]]:
+def _model_errors(saved: dict[str, Any], model: nn.Module) -> list[str]:
+    config = getattr(model, "config", None)
+    kind, theirs = getattr(config, "model_type", None), saved.get("model_type")
+    if kind and theirs and kind != theirs:
+        return [f"it was trained on a {saved.get('architecture')} ({theirs}) model, and this is a "
+                f"{type(model).__name__} ({kind}) model"]
+    now = geometry(model)
+    return [f"{key} is {value} in the adapter's base but {now[key]} here" for key, value in
+            (saved.get("geometry") or {}).items() if key in now and now[key] != value]
+
+
+def compare(saved: dict[str, Any], model: nn.Module, whole: Iterable[str] = ()) -> tuple[list[str], list[str]]:
     """(errors, notes) comparing a saved fingerprint with `model`.
 
-    Errors: a missing site or a shape mismatch, or weights whose statistics differ beyond the
-    tolerance. Notes: the same weights in another precision (hash differs, sketch matches).
+    Errors: another model type or geometry, a missing site or a shape mismatch, or weights whose
+    statistics differ beyond the tolerance. Notes: the same weights in another precision (hash
+    differs, sketch matches). `whole` adds sites stored whole for files that predate the
+    fingerprint's own record of them.
     """
-    errors: list[str] = []
+    errors = _model_errors(saved, model)
+    if errors:
+        return errors, []
     sites = list(saved.get("shapes", {}))
     missing = [s for s in sites if not _has_module(model, s)]
     if missing:
         return [f"the model has no module {missing[0]!r} (and {len(missing) - 1} more sites of the adapter)"], []
-    current = fingerprint(model, sites)
+    whole = set(saved.get("whole") or ()) | set(whole)
+    current = fingerprint(model, sites, whole)
     for site, shapes in saved["shapes"].items():
         for key, shape in shapes.items():
             # Only full-precision tensors are comparable; quantized storage has its own shapes.
-            comparable = key in current["sketch"][site] and key in saved.get("sketch", {}).get(site, {})
+            comparable = key in current["sketch"].get(site, {}) and key in saved.get("sketch", {}).get(site, {})
             now = current["shapes"][site].get(key)
             if comparable and now != shape:
                 errors.append(f"{site}.{key} has shape {tuple(now)} in the model but {tuple(shape)} in the adapter's base")
     if errors or current["weights_sha256"] == saved.get("weights_sha256"):
         return errors, []
-    compared = 0
+    compared, exact = 0, True
     for site, stats in saved.get("sketch", {}).items():
+        if site in whole:
+            continue
         for key, (mean, rms) in stats.items():
             now = current["sketch"].get(site, {}).get(key)
             if now is None:
                 continue
             compared += 1
+            exact = exact and math.isclose(now[0], mean, rel_tol=1e-12) and math.isclose(now[1], rms, rel_tol=1e-12)
             scale = max(rms, 1e-8)
             if abs(now[1] - rms) > SKETCH_TOLERANCE * scale or abs(now[0] - mean) > SKETCH_TOLERANCE * scale:
                 errors.append(f"{site}.{key} differs from the adapter's base (rms {now[1]:.4g} vs {rms:.4g})")
@@ -98,6 +139,8 @@ def compare(saved: dict[str, Any], model: nn.Module) -> tuple[list[str], list[st
         return errors[:3], []
     if compared == 0:
         return [], ["the base weights could not be compared (different storage); shapes match"]
+    if exact:  # a file that hashed a site it stores whole: every site it depends on is unchanged
+        return [], []
     return [], ["base weights are not bit-identical to the adapter's base but match statistically "
                 "(another dtype or quantization)"]
 

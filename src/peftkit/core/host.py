@@ -15,7 +15,7 @@ list of merged adapter names; `forward` never merges or unmerges.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,17 +179,35 @@ class Host(nn.Module):
                     )
 
     @torch.no_grad()
-    def merge(self, names: Sequence[str], keep_backup: bool = True, untie: Sequence[str] = ()) -> None:
-        """Fold adapters into the base layer. Parameters named in `untie` are shared with other
-        modules (tied embeddings): they get a private copy first, so only this site changes.
-        A quantized base layer is dequantized once, every delta folded in, then re-quantized;
-        `requantization_error` records the largest weight change that added."""
+    def merge(self, names: Sequence[str], untie: Sequence[str] = ()) -> Callable[[], None]:
+        """Fold adapters into the base layer; returns a function that restores exactly the state
+        before this call (the caller's rollback when another site fails). Parameters named in `untie`
+        are shared with other modules (tied embeddings): they get a private copy first, so only this
+        site changes. A quantized base layer is dequantized once, every delta folded in, then
+        re-quantized; `requantization_error` records the largest weight change that added.
+
+        Raises:
+            NotMergeableError: a delta has no weight equivalent (nothing is changed).
+            AdapterStateError: the result has NaN/inf weights (the site is restored first).
+        """
         todo = [n for n in names if n in self.deltas and n not in self._merged]
         self.check_mergeable(todo)
         if not todo:
-            return
-        if keep_backup and self._backup is None:
-            self._backup = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+            return lambda: None
+        before = {k: v.detach().clone() for k, v in self.base_layer.state_dict().items()}
+        if self._backup is None:
+            self._backup = before
+        merged, tied, error = list(self._merged), dict(self._tied), self.requantization_error
+
+        def undo() -> None:
+            for param_name in [k for k in self._tied if k not in tied]:  # re-tie what this call untied
+                owner, leaf = self._owner(param_name)
+                setattr(owner, leaf, self._tied.pop(param_name))
+            self.base_layer.load_state_dict(before)
+            self._merged[:] = merged
+            self._backup = self._backup if merged else None
+            self.requantization_error = error
+
         for param_name in untie:
             if param_name not in self._tied:
                 owner, leaf = self._owner(param_name)
@@ -199,16 +217,19 @@ class Host(nn.Module):
         quantized = is_quantized(self.base_layer)
         target = dense_copy(self.base_layer) if quantized else self.base_layer
         original = linear_weight(target).detach().clone() if quantized else None
-        for name in todo:
-            for delta in self.deltas[name].values():
-                delta.fold(target)
-        if not all(torch.isfinite(p).all() for p in target.parameters() if p.is_floating_point()):
-            self._merged.extend(todo)
-            self.unmerge()
-            raise AdapterStateError(f"merging {todo} produced NaN/inf weights; the site was restored to its unmerged base.")
-        if quantized:
-            self.requantization_error = store_dense(self.base_layer, target, original)
+        try:
+            for name in todo:
+                for delta in self.deltas[name].values():
+                    delta.fold(target)
+            if not all(torch.isfinite(p).all() for p in target.parameters() if p.is_floating_point()):
+                raise AdapterStateError(f"merging {todo} produced NaN/inf weights; the model was left unmerged.")
+            if quantized:
+                self.requantization_error = store_dense(self.base_layer, target, original)
+        except BaseException:
+            undo()
+            raise
         self._merged.extend(todo)
+        return undo
 
     def _owner(self, param_name: str) -> tuple[nn.Module, str]:
         path, _, leaf = param_name.rpartition(".")

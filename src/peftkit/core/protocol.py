@@ -30,6 +30,9 @@ class DeltaState(nn.Module):
 
     form: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False
+    # True when the delta stores its site's parameter values themselves (a full copy), so the base's
+    # own values there are never used: the base fingerprint leaves such sites out.
+    holds_values: ClassVar[bool] = False
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return self.parameters()

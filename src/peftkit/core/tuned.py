@@ -403,10 +403,12 @@ class TunedModel(nn.Module):
 
     def merge_adapter(self, names: str | Sequence[str] | None = None) -> None:
         """Fold adapters (default: the active ones) into the base weights, reversibly. Quantized base
-        layers are re-quantized, with a `QuantizedMergeWarning` (see `merge`); unmerging is exact."""
-        self._merge(names, keep_backup=True)
+        layers are re-quantized, with a `QuantizedMergeWarning` (see `merge`); unmerging is exact.
+        On any error nothing is merged."""
+        self._merge(self._mergeable(names))
 
-    def _merge(self, names: str | Sequence[str] | None, keep_backup: bool, dequantize: bool = False) -> tuple[str, ...]:
+    def _mergeable(self, names: str | Sequence[str] | None) -> tuple[str, ...]:
+        """`names` (default: the active adapters), checked to fold into weights; changes nothing."""
         names = self.context.active if names is None else ((names,) if isinstance(names, str) else tuple(names))
         for n in names:
             self._known(n)
@@ -417,40 +419,49 @@ class TunedModel(nn.Module):
             if self.context.weights.get(n, 1.0) != 1.0:
                 raise NotMergeableError(f"adapter {n!r} is active with weight {self.context.weights[n]}; "
                                         "merging weighted activations is not supported.")
+        for _, host in self._hosts():
+            host.check_mergeable(names)
+        return names
+
+    def _merge(self, names: tuple[str, ...], dequantize: bool = False) -> bool:
+        """Fold checked `names` into every site they have; all or nothing. Returns whether a tied
+        weight (input embeddings shared with the LM head) got a private merged copy."""
         hosts = [(site, h) for site, h in self._hosts() if any(n in h.deltas for n in names)]
-        if dequantize:
-            for _, host in hosts:  # refuse before the base is changed for good
-                host.check_mergeable(names)
-            self._dequantize_base()
         uses = Counter(id(p) for _, p in self.model.named_parameters(remove_duplicate=False))
-        done = []
+        undo: list[Callable[[], None]] = []
+        swapped = self._dequantize_base() if dequantize else []
+        untied = False
         try:
             for _, host in hosts:
                 tied = [k for k, p in host.base_layer.named_parameters() if uses[id(p)] > 1]
-                if tied and not keep_backup:
-                    _untie_config(self.model)
-                host.merge(names, keep_backup=keep_backup, untie=tied)
-                done.append(host)
+                untied = untied or bool(tied)
+                undo.append(host.merge(names, untie=tied))
         except BaseException:
-            for host in done:
-                if keep_backup:
-                    host.unmerge()
+            for restore in reversed(undo):
+                restore()
+            for site, original in reversed(swapped):
+                self._put_base(site, original)
             raise
         self.requantization_errors = {site: h.requantization_error for site, h in hosts
                                       if h.requantization_error is not None}
         if any(self.requantization_errors.values()):
             _warn_requantized(names, self.requantization_errors)
-        return names
+        return untied
 
-    def _dequantize_base(self) -> None:
-        """Replace every quantized layer of the model by its full-precision equivalent."""
-        for site, module in list(iter_sites(self.model)):
-            if is_quantized(module):
-                current = get_site(self.model, site)
-                if isinstance(current, Host):
-                    current.base_layer = dense_copy(module)
-                else:
-                    set_site(self.model, site, dense_copy(module))
+    def _put_base(self, site: str, module: nn.Module) -> None:
+        current = get_site(self.model, site)
+        if isinstance(current, Host):
+            current.base_layer = module
+        else:
+            set_site(self.model, site, module)
+
+    def _dequantize_base(self) -> list[tuple[str, nn.Module]]:
+        """Replace every quantized layer of the model by its full-precision equivalent; returns the
+        (site, quantized layer) pairs replaced."""
+        swapped = [(site, module) for site, module in iter_sites(self.model) if is_quantized(module)]
+        for site, module in swapped:
+            self._put_base(site, dense_copy(module))
+        return swapped
 
     def unmerge_adapter(self) -> None:
         """Restore the exact base weights saved at merge time."""
@@ -458,8 +469,10 @@ class TunedModel(nn.Module):
             host.unmerge()
 
     def merge(self, names: str | Sequence[str] | None = None, *, dequantize: bool = False) -> nn.Module:
-        """Fold adapters into the base weights and return the plain model, with no peftkit module
-        left in it. This TunedModel is emptied.
+        """Fold adapters (default: the active ones) into the base weights and return the plain model,
+        with no peftkit module left in it. This TunedModel is emptied. Adapters not folded would be
+        lost, so with ``names=None`` an attached but inactive adapter is an error: name what to fold.
+        On any error the TunedModel is left as it was.
 
         On a quantized base (``peftkit.quantize``): by default each adapted layer is dequantized,
         the adapters folded in and the result re-quantized, so the model stays small, but its
@@ -469,9 +482,23 @@ class TunedModel(nn.Module):
         layer is first replaced by its full-precision equivalent and the merge is exact: the result
         is a full-precision model (larger) whose outputs match the unmerged adapter's.
         """
-        if self.merged_adapters:
-            self.unmerge_adapter()
-        self._merge(names, keep_backup=False, dequantize=dequantize)
+        chosen = self._mergeable(names)
+        left = [n for n in self.adapters if n not in chosen]
+        if names is None and left:
+            raise AdapterStateError(
+                f"merge() folds the active adapters {list(chosen)} and returns a plain model, so {left} "
+                f"(attached, not active) would be lost. Name what to fold: tuned.merge({[*chosen, *left]!r}) for "
+                f"all, tuned.merge({list(chosen)!r}) to drop the rest, or tuned.delete(...) first.")
+        previously = self.merged_adapters
+        self.unmerge_adapter()
+        try:
+            untied = self._merge(chosen, dequantize=dequantize)
+        except BaseException:
+            if previously:
+                self._merge(previously)
+            raise
+        if untied:
+            _untie_config(self.model)
         for site, host in list(self._hosts()):
             set_site(self.model, site, host.base_layer)
         for name in list(self.model_deltas):
@@ -479,7 +506,8 @@ class TunedModel(nn.Module):
         self.model_deltas.clear()
         self._configs.clear()
         self._sites.clear()
-        self.context.active = ()
+        self._controllers.clear()
+        self.context.active, self.context.weights = (), {}
         model = self.model
         model.requires_grad_(False)
         return model
@@ -554,7 +582,7 @@ def _untie_config(model: nn.Module) -> None:
     if config is not None and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
         warnings.warn("merging into a tied weight: the merged model keeps separate input and output "
-                      "embeddings (config.tie_word_embeddings set to False).", stacklevel=4)
+                      "embeddings (config.tie_word_embeddings set to False).", stacklevel=3)
 
 
 def _warn_requantized(names: Sequence[str], errors: dict[str, float]) -> None:

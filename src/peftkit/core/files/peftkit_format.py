@@ -8,6 +8,7 @@ refused before anything is loaded.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ...errors import AdapterFileError, PeftkitError
+from ...errors import AdapterFileError, BaseMismatchError, PeftkitError
 from ...version import __version__
 from ..atomic import atomic_file, write_json
 from ..fingerprint import compare, fingerprint
@@ -43,9 +44,21 @@ def write(tuned: Any, name: str, folder: Path) -> None:
         "name": name,
         "method": config.method,
         "config": config.to_dict(),
-        "base": fingerprint(tuned.model, tuned.sites(name)),
+        "base": fingerprint(tuned.model, tuned.sites(name), whole_sites(tuned.deltas(name))),
         "files": {WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
     })
+
+
+def whole_sites(deltas: Iterable[tuple[str, Any]]) -> set[str]:
+    """Sites whose parameters an adapter stores whole, from its ``(site.slot, delta)`` pairs."""
+    return {prefix.rpartition(".")[0] for prefix, delta in deltas if delta.holds_values}
+
+
+def _copied_sites(state: Tensors) -> set[str]:
+    """Sites stored whole, read from tensor names (``<site>.<slot>.values.<param>``): for files written
+    before the fingerprint recorded them."""
+    return {key.split(".values.")[0].rpartition(".")[0] for key in state
+            if ".values." in key and not key.startswith("__model__.")}
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
@@ -80,11 +93,10 @@ def read(model: nn.Module, folder: Path, check_base: bool) -> tuple[Any, Tensors
         raise AdapterFileError(f"{folder / META} holds an invalid method config: {err}") from None
     state = read_state(folder, meta)
     base = meta.get("base") or {}
-    errors, notes = compare(base, model) if check_base else ([], [])
+    errors, notes = compare(base, model, whole=_copied_sites(state)) if check_base else ([], [])
     if errors:
-        raise AdapterFileError(f"adapter {folder} does not fit this model: {'; '.join(errors)}. Load it onto the "
-                               f"base it was trained on ({base.get('name_or_path') or base.get('architecture')}), "
-                               "or pass check_base=False to skip the check.")
+        raise BaseMismatchError(f"adapter {folder} does not fit this model: {'; '.join(errors)}. Load it onto the "
+                                f"base it was trained on ({base.get('name_or_path') or base.get('architecture')})")
     for note in notes:
         warnings.warn(f"{folder}: {note}", stacklevel=3)
     return config, state, meta.get("name")

@@ -88,6 +88,7 @@ class MaskedDelta(Delta):
         self.inner = inner
         self.hooks = inner.hooks
         self.mergeable = inner.mergeable
+        self.holds_values = inner.holds_values
         self.prunable = list(prunable)
         self.awaiting = awaiting  # the data-driven score still to compute, or None once pruned
         self.calibrating = False

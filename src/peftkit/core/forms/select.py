@@ -20,6 +20,7 @@ class TrainableCopy(Delta):
 
     form = "select"
     mergeable = True
+    holds_values = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()
