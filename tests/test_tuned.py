@@ -238,3 +238,62 @@ def test_dora_matches_its_formula():
         w = host.base_layer.weight + delta.scaling * delta.B @ delta.A
         expected = x @ (delta.magnitude[:, None] * w / w.norm(dim=1, keepdim=True)).T
         torch.testing.assert_close(host(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def state_of(tuned):
+    """Everything an operation may change: weights, flags, active set and merged adapters."""
+    return ({k: v.clone() for k, v in tuned.state_dict().items()}, {k: p.requires_grad for k, p in tuned.named_parameters()},
+            tuned.active_adapters, tuned.adapter_weights, tuned.merged_adapters, tuned.adapters)
+
+
+def assert_same(before, after):
+    assert before[0].keys() == after[0].keys() and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1:] == after[1:]
+
+
+@pytest.mark.parametrize("operation", ["merge_adapter", "merge"])
+def test_a_failed_merge_changes_nothing(operation):
+    """A merge that produces NaN at its second site is rolled back at the first too."""
+    tuned = two_adapters()
+    tuned.activate(["a", "b"])
+    sites = [s for s, h in tuned.named_modules() if isinstance(h, Host) and "b" in h.deltas]
+    with torch.no_grad():  # finite outputs, but a weight that overflows when folded
+        tuned.get_submodule(sites[-1]).deltas["b"]["lora"].B.fill_(3e38)
+        tuned.get_submodule(sites[-1]).deltas["b"]["lora"].A.fill_(3e38)
+    before = state_of(tuned)
+    with pytest.raises(peftkit.errors.AdapterStateError, match="NaN/inf"):
+        getattr(tuned, operation)()
+    assert_same(before, state_of(tuned))
+
+
+def test_merge_never_drops_an_attached_adapter_silently():
+    tuned = two_adapters()  # "b", attached last, is the active one; "a" is trained too
+    before = state_of(tuned)
+    with pytest.raises(peftkit.errors.AdapterStateError, match=r"\['a'\].*would be lost"):
+        tuned.merge()
+    assert_same(before, state_of(tuned))
+    plain = tuned.merge(["a", "b"])
+    assert not any(isinstance(m, Host) for m in plain.modules())
+
+
+def test_not_a_model_or_a_merged_delete_is_a_clear_error():
+    with pytest.raises(peftkit.errors.ConfigError, match="PyTorch model"):
+        peftkit.attach("path/to/model", peftkit.config("lora"))
+    assert peftkit.attach(tiny_llama(), "lora").config_of("default").method == "lora"  # a name works too
+    tuned = two_adapters()
+    tuned.activate("b")
+    tuned.merge_adapter()
+    before = state_of(tuned)
+    with pytest.raises(peftkit.errors.AdapterStateError, match="merged"):
+        tuned.delete("b")
+    assert_same(before, state_of(tuned))
+
+
+def test_a_multi_adapter_load_is_all_or_nothing(tmp_path):
+    two_adapters().save(tmp_path / "both")
+    (tmp_path / "both" / "b" / "adapter.safetensors").write_bytes(b"damaged")
+    tuned = peftkit.attach(tiny_llama(), peftkit.config("lora", r=2), name="mine")
+    before = state_of(tuned)
+    with pytest.raises(peftkit.errors.AdapterFileError):
+        peftkit.load(tuned, tmp_path / "both")
+    assert_same(before, state_of(tuned))

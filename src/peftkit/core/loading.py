@@ -47,10 +47,11 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
         missing = [n for n in chosen if n not in names]
         if missing:
             raise AdapterFileError(f"{folder} holds adapters {names}, not {missing}.")
-        tuned = model
-        for n in chosen:
-            tuned = load(tuned, folder / n, name=n if name is None or len(chosen) > 1 else name,
-                         trainable=trainable, check_base=check_base)
+        tuned = model if isinstance(model, TunedModel) else TunedModel(model)
+        with tuned._all_or_nothing():
+            for n in chosen:
+                load(tuned, folder / n, name=n if name is None or len(chosen) > 1 else name, trainable=trainable,
+                     check_base=check_base)
         return tuned
     markers = ", ".join(f"{f.marker} ({f.name})" for f in FORMATS.values())
     raise AdapterFileError(f"{folder} holds no adapter: expected {markers}, or {INDEX} (several adapters).")

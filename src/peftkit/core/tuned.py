@@ -83,6 +83,9 @@ class TunedModel(nn.Module):
         super().__init__()
         if isinstance(model, TunedModel):
             raise AdapterStateError("model is already a TunedModel; call .attach() on it instead.")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"peftkit needs a PyTorch model (a torch.nn.Module), got {type(model).__name__} "
+                              f"{model!r:.60}; load one first, e.g. AutoModelForCausalLM.from_pretrained(path).")
         self.model = model
         self.model_deltas = nn.ModuleDict()
         object.__setattr__(self, "context", SiteContext())
@@ -136,9 +139,7 @@ class TunedModel(nn.Module):
             raise ConfigError(f"adapter name {name!r} may use only letters, digits, '_' and '-'.")
         if name in self._configs:
             raise AdapterStateError(f"an adapter named {name!r} already exists; pick another name or delete it.")
-        flags = {id(p): p.requires_grad for p in self.parameters()}
-        active, weights = self.context.active, dict(self.context.weights)
-        try:
+        with self._all_or_nothing():
             self._install(config, name)
             if state is not None:
                 self.load_adapter_state(name, state)
@@ -148,15 +149,24 @@ class TunedModel(nn.Module):
                 self._controllers[name] = spec.controller(config)
             if activate:
                 self.activate(name)
+        return self
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Undo on error what the block did: adapters it added are deleted, and the trainable flags
+        and the active adapters are restored (a failed load or attach leaves the model as it was)."""
+        flags = {id(p): p.requires_grad for p in self.parameters()}
+        adapters, active, weights = self.adapters, self.context.active, dict(self.context.weights)
+        try:
+            yield
         except BaseException:
-            if name in self._configs:
+            for name in [n for n in self.adapters if n not in adapters]:
                 self.delete(name)
             for p in self.parameters():
                 if id(p) in flags:
                     p.requires_grad_(flags[id(p)])
             self.context.active, self.context.weights = active, weights
             raise
-        return self
 
     def _install(self, config: MethodConfig, name: str) -> None:
         spec = registry.get(config.method)
@@ -230,6 +240,9 @@ class TunedModel(nn.Module):
 
     def delete(self, name: str) -> None:
         """Remove adapter `name`; sites left without deltas get their original module back."""
+        if name in self.merged_adapters:
+            raise AdapterStateError(f"adapter {name!r} is merged into the base weights; call tuned.unmerge_adapter() "
+                                    "before deleting it.")
         for site, host in list(self._hosts()):
             host.remove(name)
             if not host.deltas:
@@ -604,8 +617,12 @@ def _positional_to_kwargs(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]
     return {"input_ids": args[0], **kwargs}
 
 
-def attach(model: nn.Module, config: MethodConfig, name: str = "default", *, trainable: bool = True) -> TunedModel:
-    """Attach an adapter built from `config` to `model` (a plain model or a TunedModel)."""
+def attach(model: nn.Module, config: MethodConfig | str | dict[str, Any], name: str = "default", *,
+           trainable: bool = True) -> TunedModel:
+    """Attach an adapter built from `config` (a config, a method name, or its dict form) to `model` (a
+    plain model or a TunedModel)."""
+    if not isinstance(config, MethodConfig):
+        config = registry.config(config)
     tuned = model if isinstance(model, TunedModel) else TunedModel(model)
     return tuned.attach(config, name, trainable=trainable)
 
