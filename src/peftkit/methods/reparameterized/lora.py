@@ -31,6 +31,7 @@ from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import base_at, head_names, iter_sites, matches, select
 from ...errors import ConfigError
 from .lora_hf import LORA_CODEC
+from .lora_kernel import low_rank
 
 INITS = ("kaiming", "gaussian", "random")
 BIASES = ("none", "lora_only", "all")
@@ -84,6 +85,7 @@ class LoraLinear(Delta):
         self.A = nn.Parameter(torch.empty(r, in_f, **kw))  # (r, in)
         self.B = nn.Parameter(torch.zeros(out_f, r, **kw))  # (out, r)
         self.scaling = scaling
+        self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / r)
@@ -103,10 +105,10 @@ class LoraLinear(Delta):
 
     def contribution(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
         x = x.to(self.A.dtype)
+        if self.magnitude is None:
+            return low_rank(x, self.A, self.B, self.scaling, self.dropout_p, self.training)
         dropped = self.dropout(x)
         lora = F.linear(F.linear(dropped, self.A), self.B) * self.scaling
-        if self.magnitude is None:
-            return lora
         norm = self._adapted_weight(base).norm(dim=1).detach()  # (out,) no gradient through the norm
         scale = self.magnitude / norm
         if isinstance(self.dropout, nn.Identity):
