@@ -284,6 +284,29 @@ def test_json_errors_are_the_last_stdout_line(name, world, capsys, monkeypatch) 
     assert ran.err_lines[0] == f"peftkit: error: {error['message']}"
 
 
+def test_an_unforeseen_failure_is_still_one_line(capsys, monkeypatch) -> None:
+    """What no check foresaw (a bug, a disk that fills up) is one line too; PEFTKIT_DEBUG=1 shows the traceback."""
+    from peftkit.cli import methods
+
+    def broken(_args):
+        raise RuntimeError("boom\nsecond line")
+
+    def disk_full(_args):
+        raise OSError(28, "No space left on device", "/runs/x/adapter.safetensors")
+
+    monkeypatch.setattr(methods, "run", broken)
+    ran = run_cli(["methods", "--json"], capsys)
+    assert ran.rc == 1 and ran.err_lines == ["peftkit: error: RuntimeError: boom second line — a peftkit bug: please "
+                                             "report it with the command (PEFTKIT_DEBUG=1 shows the traceback)."]
+    assert ran.json()["error"]["type"] == "RuntimeError"
+    monkeypatch.setattr(methods, "run", disk_full)
+    ran = run_cli(["methods"], capsys)
+    assert ran.rc == 1 and len(ran.err_lines) == 1 and "No space left on device (/runs/x/adapter.safetensors)" in ran.err
+    monkeypatch.setenv("PEFTKIT_DEBUG", "1")
+    monkeypatch.setattr(methods, "run", broken)
+    assert isinstance(run_cli(["methods"], capsys).escaped, RuntimeError)
+
+
 def _python() -> list[str]:
     return [sys.executable, "-m", "peftkit"]
 

@@ -39,10 +39,10 @@ def build_parser() -> PeftkitParser:
     return parser
 
 
-def _fail(kind: str, message: str, as_json: bool, status: int) -> int:
+def _fail(kind: str, message: str, as_json: bool, status: int, label: str = "error: ") -> int:
     """One line on stderr; under ``--json`` also the error as the last stdout line."""
     message = one_line(message)
-    print(f"peftkit: error: {message}", file=sys.stderr, flush=True)
+    print(f"peftkit: {label}{message}", file=sys.stderr, flush=True)
     if as_json:
         emit_json({"error": {"type": kind, "message": message}})
     return status
@@ -76,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except Interrupted as stop:
         return _fail("Interrupted", f"{stop}. Continue with the same command plus --resume.", as_json,
-                     EXIT_INTERRUPTED)
+                     EXIT_INTERRUPTED, label="")
     except KeyboardInterrupt:
-        return _fail("Interrupted", "interrupted.", as_json, EXIT_INTERRUPTED)
+        return _fail("Interrupted", "interrupted.", as_json, EXIT_INTERRUPTED, label="")
     except PeftkitError as err:
         return _fail(type(err).__name__, str(err), as_json, EXIT_ERROR)
     except BrokenPipeError:  # `peftkit ... | head`
