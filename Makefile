@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m peftkit train
+	$(PY) -m peftkit train --overwrite
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks examples

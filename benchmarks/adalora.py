@@ -78,7 +78,7 @@ def run_cli(method: str, options: str, seed: int, args: argparse.Namespace) -> d
     cmd = [sys.executable, "-m", "peftkit", "train", "--method", method, "--method-options", options,
            "--seed", str(seed), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--lr", str(args.lr), "--threads", str(args.threads), "--no-progress", "--no-eval-before",
-           "--out", str(Path(args.out) / f"{method}-s{seed}"), "--json"]
+           "--out", str(Path(args.out) / f"{method}-s{seed}"), "--overwrite", "--json"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -189,7 +189,8 @@ def quality_runs(args: argparse.Namespace) -> dict[str, Any]:
             "qlora": ["--method", "qlora", "--method-options", "r=8,alpha=16"]}
     procs = {}
     for name, extra in runs.items():  # side by side: the same conditions for both
-        cmd = [sys.executable, "-m", "peftkit", "train", *common, *extra, "--out", str(Path(args.runs) / name)]
+        cmd = [sys.executable, "-m", "peftkit", "train", *common, *extra, "--out", str(Path(args.runs) / name),
+               "--overwrite"]
         print("$", " ".join(cmd[1:]), flush=True)
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for name, proc in procs.items():

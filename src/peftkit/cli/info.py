@@ -13,7 +13,8 @@ from .common import adapter_folder, emit, subcommand
 
 def add_parser(subs: Any) -> None:
     p = subcommand(subs, "info", "describe an adapter folder", "peftkit info runs/minilm-rotten-tomatoes-lora/adapter")
-    p.add_argument("path", help="adapter folder")
+    p.add_argument("path", help="adapter folder (a run's adapter/ or best/, or a folder saved by peftkit or "
+                                "Hugging Face PEFT)")
     p.set_defaults(run=run)
 
 
@@ -78,7 +79,7 @@ def _text(path: str, info: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    folder = adapter_folder(args.path)
+    folder = adapter_folder(args.path, what="peftkit info")
     info = describe(folder)
     emit(args, {"path": str(folder), **info}, _text(str(folder), info))
     return 0

@@ -21,15 +21,17 @@ def add_parser(subs: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.atomic import atomic_folder
     from ..train import models
+    from ..train.output import check_writable
     from ..train.run import load_run
 
     saved_run = load_run(adapter_folder(args.adapter))
+    target = Path(args.out)
+    check_writable(target, "--out")
+    if target.is_dir() and any(target.iterdir()):
+        raise AdapterFileError(f"{target} exists and is not empty; choose a new folder for the merged model.")
     task = (saved_run or {}).get("data", {}).get("task") or ("lm" if models.is_causal(
         models.resolve(base_model_name(args, saved_run))) else "classification")
     tok, tuned, _ = load_tuned(args, task)
-    target = Path(args.out)
-    if target.exists() and any(target.iterdir()):
-        raise AdapterFileError(f"{target} exists and is not empty; choose a new folder for the merged model.")
     merged = tuned.merge()
     with atomic_folder(target) as tmp:
         merged.save_pretrained(str(tmp))

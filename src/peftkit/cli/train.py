@@ -1,6 +1,7 @@
 """``peftkit train``: the main job. Its flags are `TrainConfig`'s fields, one per field, made here
 from the fields' types and help (`peftkit.train.config`), so a new setting is a new field and
-nothing else. Precedence: defaults < ``--config FILE`` < flags.
+nothing else. Precedence: defaults < the resumed run's settings (``--resume FOLDER``, or bare
+``--resume`` with a run in ``--out``) < ``--config FILE`` < flags.
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 from ..train.config import TrainConfig
-from .common import emit_json, subcommand
+from .common import emit_json, subcommand, warn
 
 EXAMPLE = "peftkit train --method lora --method-options r=16,targets=[query,value] --epochs 2 --out runs/rt"
 
@@ -41,26 +43,50 @@ def add_parser(subs: Any) -> None:
     p = subcommand(subs, "train", "fine-tune a model with a PEFT method", EXAMPLE)
     p.add_argument("--config", help="YAML file of settings (the keys below, with underscores); flags override it")
     p.add_argument("--print-config", action="store_true", default=False,
-                   help="print the effective settings as YAML and exit")
+                   help="print the settings as the run would use them (defaults resolved) as YAML, and exit")
     for field in dataclasses.fields(TrainConfig):
         _flag(p, field)
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings: defaults < a resumed run's recorded ones < --config FILE < flags."""
     from ..train import config as tc
-    from ..train.run import train
+    from ..train.run import default_out, resumed_settings
 
-    cfg = tc.load_file(args.config) if getattr(args, "config", None) else TrainConfig()
-    cfg = tc.from_mapping({k: v for k, v in vars(args).items() if k in tc.FIELDS}, "command line", cfg)
+    flags = {k: v for k, v in vars(args).items() if k in tc.FIELDS}
+
+    def layered(base: TrainConfig) -> TrainConfig:
+        cfg = tc.load_file(args.config, base) if getattr(args, "config", None) else base
+        return tc.from_mapping(flags, "command line", cfg)
+
+    cfg = layered(TrainConfig())
+    if cfg.resume is None:
+        return cfg
+    if cfg.resume in ("auto", ""):  # bare --resume: the run in --out (or the default folder) says
+        out = cfg.out or str(default_out(cfg.validate().resolved()))
+        found = resumed_settings(str(Path(out) / "checkpoint"))
+        recorded = found[1] if found else {}
+    else:
+        found = resumed_settings(cfg.resume)
+        recorded = found[1] if found else {}
+    return layered(tc.from_mapping(recorded, "the resumed run's settings")) if recorded else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.run import plan, train
+
+    cfg = _config(args)
     if args.print_config:
         import yaml
 
-        shown = cfg.validate().resolved()  # the method is shown resolved; task-dependent values as given
-        shown = dataclasses.replace(cfg, method=shown.method, method_options=shown.method_options)
-        print(yaml.safe_dump(shown.to_dict(), sort_keys=False).rstrip())
+        job = plan(cfg)  # every value as the run would use it: the task's and the method's defaults resolved
+        shown = dataclasses.replace(job.cfg, out=str(job.out)).to_dict()
+        print(yaml.safe_dump(shown, sort_keys=False).rstrip())
+        if args.json:
+            emit_json({"config": shown})
         return 0
-    result = train(cfg, echo=(lambda s: print(s, flush=True)))
+    result = train(cfg, echo=(lambda s: print(s, flush=True)), warn=warn)
     if args.json and int(os.environ.get("RANK", "0")) == 0:
         emit_json(result)
     return 0

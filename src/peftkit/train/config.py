@@ -13,10 +13,15 @@ from typing import Any
 
 import yaml
 
+from ..core.config import type_problems
 from ..errors import ConfigError, did_you_mean
 from .recipes import recipe
 
 TASKS = ("classification", "instruction", "lm")
+# what evaluation reports per task: the metrics --metric may name
+METRICS = {"classification": ("accuracy", "macro_f1", "loss"), "instruction": ("loss", "perplexity"),
+           "lm": ("loss", "perplexity")}
+FORMATS = ("peftkit", "hf-peft")
 DEFAULT_METHOD = "lora"  # with the method's recommended training options (LoRA: every linear layer)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
@@ -69,14 +74,23 @@ class TrainConfig:
     max_steps: int | None = _field(None, "optimizer steps (overrides --epochs)")
     eval_every: int | None = _field(None, "evaluate (and keep the best adapter) every N steps [at the end only]")
     eval_batch_size: int | None = _field(None, "examples per evaluation batch [128 classification, 16 otherwise]")
+    max_eval_examples: int | None = _field(None, "evaluate on at most N held-out examples: a fixed, seeded sample, "
+                                                 "the same for every run and every `peftkit eval` [all]")
     save_every: int | None = _field(None, "checkpoint every N steps [--eval-every, or 200]")
     early_stopping: int | None = _field(None, "stop after N evaluations without improvement")
-    metric: str | None = _field(None, "metric that picks the best adapter [accuracy for classification, else loss]")
+    metric: str | None = _field(None, "metric that picks the best adapter: accuracy, macro_f1 or loss for "
+                                      "classification, loss or perplexity otherwise [accuracy for classification, "
+                                      "else loss]")
     load_best: bool = _field(False, "finish with the best evaluated adapter instead of the last one")
     seed: int = _field(0, "seed of everything random: a new task head, the adapter's init, batch order, dropout")
-    out: str | None = _field(None, "run folder [runs/<model>-<data>-<method>]")
-    resume: str | None = _field(None, "continue from <out>/checkpoint, or from the checkpoint folder given",
-                                const="auto", metavar="CHECKPOINT")
+    out: str | None = _field(None, "run folder [runs/<model>-<data>-<method>; with --resume FOLDER, that run's]")
+    overwrite: bool = _field(False, "replace the run already in --out (finished or not) instead of refusing")
+    resume: str | None = _field(None, "continue an interrupted run: bare, from <out>/checkpoint; or from the run "
+                                      "folder or checkpoint folder given, with that run's settings and folder "
+                                      "(flags given now win)", const="auto", metavar="FOLDER")
+    format: str = _field("peftkit", "file format of the saved adapters (adapter/, best/); hf-peft: Hugging Face "
+                                    "PEFT's layout, for methods that have one (checkpoints are always peftkit)",
+                         choices=FORMATS)
     eval_before: bool | None = _field(None, "evaluate before training [for classification]")
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass: less memory, "
                                                  "more time")
@@ -85,7 +99,8 @@ class TrainConfig:
     threads: int | None = _field(None, "torch CPU threads [torch's default]")
     tensorboard: bool = _field(False, "also log to <out>/tensorboard")
     progress: bool = _field(True, "show a progress bar on stderr")
-    num_labels: int | None = _field(None, "number of classes [from the data]")
+    num_labels: int | None = _field(None, "number of classes, at least the data's (more leaves room for classes "
+                                          "to come) [from the data]")
     calibration_batches: int = _field(4, "training batches for data-scored methods (SNIP / GraSP masks)")
 
     def resolved(self) -> TrainConfig:
@@ -105,33 +120,51 @@ class TrainConfig:
         )
 
     def problems(self) -> list[str]:
+        """One message per invalid setting, each starting with the setting's name."""
         out = []
-        if self.task is not None and self.task not in TASKS:
-            out.append(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        if self.schedule not in SCHEDULES:
-            out.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.optimizer not in OPTIMIZERS:
-            out.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        for name in ("grad_accum", "calibration_batches"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-                out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("batch_size", "eval_batch_size", "max_steps", "eval_every", "save_every", "early_stopping", "max_length", "num_labels"):
+        for name, allowed in (("task", TASKS), ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("format", FORMATS)):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value > 0):
+            if value is not None and value not in allowed:
+                out.append(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        every_metric = sorted({m for ms in METRICS.values() for m in ms})
+        if self.metric is not None and self.metric not in every_metric:
+            out.append(f"metric must be one of {', '.join(every_metric)}, got {self.metric!r}")
+        for name in ("grad_accum", "calibration_batches"):
+            if not _is_int(getattr(self, name), 1):
+                out.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("batch_size", "eval_batch_size", "max_steps", "eval_every", "save_every", "early_stopping",
+                     "max_length", "threads", "max_eval_examples"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value, 1):
                 out.append(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.epochs, int | float) and self.epochs > 0):
+        if self.num_labels is not None and not _is_int(self.num_labels, 2):
+            out.append(f"num_labels must be an integer >= 2 (classification has at least two classes), got "
+                       f"{self.num_labels!r}")
+        if not _is_int(self.seed, 0):
+            out.append(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not (_is_number(self.epochs) and self.epochs > 0):
             out.append(f"epochs must be > 0, got {self.epochs!r}")
         for name in ("lr", "head_lr"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and value > 0):
+            if value is not None and not (_is_number(value) and value > 0):
                 out.append(f"{name} must be > 0, got {value!r}")
-        if self.base_dropout is not None and not (isinstance(self.base_dropout, int | float) and 0 <= self.base_dropout < 1):
+        for name, what in (("warmup", "a fraction of the steps (< 1) or a number of steps"),
+                           ("max_grad_norm", "a norm (0: no clipping)"), ("weight_decay", "a decay factor")):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                out.append(f"{name} must be >= 0 ({what}), got {getattr(self, name)!r}")
+        if self.base_dropout is not None and not (_is_number(self.base_dropout) and 0 <= self.base_dropout < 1):
             out.append(f"base_dropout must be in [0, 1), got {self.base_dropout!r}")
-        if not (0 < self.eval_fraction < 1):
+        if not (_is_number(self.eval_fraction) and 0 < self.eval_fraction < 1):
             out.append(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.method_options is not None and not isinstance(self.method_options, dict):
             out.append(f"method_options must be a mapping of option: value, got {self.method_options!r}")
-        return out
+        for name in ("model", "data", "out", "eval_data", "method"):
+            if isinstance(getattr(self, name), str) and not getattr(self, name).strip():
+                out.append(f"{name} must not be empty")
+        if self.early_stopping is not None and self.eval_every is None:
+            out.append("early_stopping counts evaluations during training: set eval_every too")
+        named = {p.split(" ", 1)[0] for p in out}
+        return out + [p for p in type_problems(self) if p.split(" ", 1)[0] not in named]
 
     def validate(self) -> TrainConfig:
         problems = self.problems()
@@ -141,6 +174,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -235,8 +276,11 @@ def parse_options(text: str) -> dict[str, Any]:
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"method option {part!r} is not key=value; write e.g. --method-options r=8,alpha=16.")
+        if not value.strip():
+            raise ConfigError(f"method option {key.strip()!r} has an empty value ({part!r}); give one, e.g. "
+                              f"{key.strip()}=8, or leave the option out for its default.")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else None
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ConfigError(f"method option {key.strip()}={value!r}: the value is not valid YAML.") from None
         out[key.strip().replace("-", "_")] = parsed

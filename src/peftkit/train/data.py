@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ LABEL_FIELDS = ("label", "labels", "category", "class", "target")
 PROMPT_FIELDS = ("prompt", "instruction", "question", "input")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion")
 FALLBACK_TEMPLATE = "### Prompt:\n{prompt}\n\n### Response:\n"
+EVAL_SAMPLE_SEED = "peftkit-eval-sample-v1"  # --max-eval-examples draws the same sample in every run
+LISTED = 8  # names shown in a message before "... (N in all)"
+ROLES = {"classification": ("text", "label"), "instruction": ("prompt", "response"), "lm": ("text",)}
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Prepared:
     label_names: list[str] | None = None
     num_labels: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was done to the data that the user should hear of
 
 
 @dataclass
@@ -126,6 +131,12 @@ def _record_key(record: dict[str, Any]) -> str:
 
 
 # -- labels -----------------------------------------------------------------------------------
+def listing(names: list[Any], limit: int = LISTED) -> str:
+    """``a, b, c`` or ``a, b, ..., h (500 in all)``: a message names a few, never hundreds."""
+    shown = ", ".join(map(str, names[:limit]))
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
 def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return int(value)
@@ -183,7 +194,11 @@ def label_ids(values: list[Any], source: str, names: list[str] | None = None) ->
     index = {n: i for i, n in enumerate(names)}
     unknown = next((t for t in text if t not in index), None)
     if unknown is not None:
-        raise DataError(f"{source}: label {unknown!r} does not occur in the training data ({', '.join(names)}).")
+        hint = ""
+        if len(names) > max(LISTED, len(values) // 2):
+            hint = (f" {len(names)} classes for {len(values)} rows look like free text, not classes: is this the "
+                    "label column? Name it with --label-field, or train another --task (lm, instruction).")
+        raise DataError(f"{source}: label {unknown!r} does not occur in the training data ({listing(names)}).{hint}")
     return [index[t] for t in text], names
 
 
@@ -205,6 +220,10 @@ def format_pair(tokenizer: Any, prompt: str, response: str) -> tuple[str, str]:
         if full.startswith(head):
             return head, full[len(head):]
     return head, response + (tokenizer.eos_token or "")
+
+
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _text(record: dict[str, Any], name: str, source: str, index: int) -> str:
@@ -290,16 +309,52 @@ def fill_fields(src: Source, task: str) -> None:
         src.fields[role] = pick_field(src.records, src.name, role, src.fields.get(role), candidates)
 
 
+def _drop_blank(src: Source, task: str, rows: list[int], notes: list[str], what: str) -> list[int]:
+    """`rows` without those whose text (prompt, response) is empty, with a note of how many went."""
+    roles = [src.fields[r] for r in ROLES[task] if r != "label"]
+    kept = [i for i in rows if not any(_blank(src.records[i].get(name)) for name in roles)]
+    if len(kept) < len(rows):
+        cols = " / ".join(repr(c) for c in roles)
+        if not kept:
+            raise DataError(f"every {what} row of {src.name} has an empty {cols}; check the column (set "
+                            f"--{ROLES[task][0]}-field) or the file.")
+        notes.append(f"dropped {len(rows) - len(kept)} of {len(rows)} {what} rows of {src.name} with an empty {cols}")
+    return kept
+
+
+def _check_classes(train: Encoded, names: list[str] | None, src: Source) -> int:
+    """The number of classes; a label column with a single class is refused."""
+    present = sorted(set(train.labels.tolist()))
+    if len(present) < 2:
+        only = names[present[0]] if names else present[0]
+        raise DataError(f"{src.name}: the label column {src.fields['label']!r} holds one class only ({only!r}) in the "
+                        "training rows; classification needs at least two. Name the right column with "
+                        "--label-field, or train another --task (lm, instruction).")
+    return len(names) if names else max(2, int(train.labels.max()) + 1)
+
+
+def _sample(test: Encoded | None, limit: int | None, meta: dict[str, Any]) -> Encoded | None:
+    """At most `limit` held-out examples: the same seeded sample whatever the run."""
+    if test is None or not limit or len(test) <= limit:
+        return test
+    meta["eval_sample"] = f"{limit} of {len(test)} held-out examples (random.Random({EVAL_SAMPLE_SEED!r}))"
+    return test.subset(sorted(random.Random(EVAL_SAMPLE_SEED).sample(range(len(test)), limit)))
+
+
 def prepare(cfg: TrainConfig, tokenizer: Any, task: str, src: Source, eval_src: Source | None = None) -> Prepared:
-    """Tokenised train and held-out sets for `task` (cfg must be `resolved()`)."""
+    """Tokenised train and held-out sets for `task` (cfg must be `resolved()`). Rows whose text is
+    empty are dropped (`Prepared.notes` says how many); `cfg.max_eval_examples` caps the held-out set."""
     fill_fields(src, task)
     if eval_src is not None:
         fill_fields(eval_src, task)
-        train_rows, eval_rows, how = list(range(len(src.records))), list(range(len(eval_src.records))), "file"
+        train_rows, eval_rows = list(range(len(src.records))), list(range(len(eval_src.records)))
         how = f"held-out file {eval_src.name}"
     else:
         train_rows, eval_rows, how = _split_rows(src, cfg.eval_fraction)
         eval_src = src
+    notes: list[str] = []
+    train_rows = _drop_blank(src, task, train_rows, notes, "training")
+    eval_rows = _drop_blank(eval_src, task, eval_rows, notes, "held-out") if eval_rows else eval_rows
     names = src.label_names
     if task == "classification":
         train, names = _encode_classification(tokenizer, src, train_rows, cfg, names)
@@ -313,21 +368,25 @@ def prepare(cfg: TrainConfig, tokenizer: Any, task: str, src: Source, eval_src: 
         raise DataError(f"{src.name} leaves no training examples after the held-out split; add data.")
     num_labels = None
     if task == "classification":
-        num_labels = len(names) if names else max(2, int(train.labels.max()) + 1)
+        num_labels = _check_classes(train, names, src)
         if test is not None and len(test) and int(test.labels.max()) >= num_labels:
             raise DataError(f"{eval_src.name} has label {int(test.labels.max())}, beyond the training labels "
                             f"0..{num_labels - 1}.")
-    meta = {"data": src.name, "task": task, "split": how, "train_examples": len(train),
-            "eval_examples": len(test) if test is not None else 0, "eval_digest": _digest(test),
-            "fields": dict(src.fields)}
-    return Prepared(task, train, test, names, num_labels, meta)
+    if test is None or len(test) == 0:
+        notes.append(f"{(eval_src or src).name} leaves no held-out examples ({how}), so the run is not evaluated; "
+                     "pass --eval-data FILE for a held-out set")
+    meta: dict[str, Any] = {"data": src.name, "task": task, "split": how}
+    test = _sample(test, cfg.max_eval_examples, meta)
+    meta.update({"train_examples": len(train), "eval_examples": len(test) if test is not None else 0,
+                 "eval_digest": _digest(test), "fields": dict(src.fields)})
+    return Prepared(task, train, test, names, num_labels, meta, notes)
 
 
 def _encode_lm(tok: Any, src: Source, eval_src: Source, train_rows: list[int], eval_rows: list[int],
                cfg: TrainConfig, how: str) -> tuple[Encoded, Encoded | None, str]:
     if eval_src is src and src.held_out is None:
         # split by block, so a single long text (a book) still gets a held-out part
-        blocks = _lm_blocks(tok, src, list(range(len(src.records))), cfg)
+        blocks = _lm_blocks(tok, src, sorted(train_rows + eval_rows), cfg)
         held = [_hash_fraction(f"block {i}") < cfg.eval_fraction for i in range(len(blocks))]
         if blocks and not any(held):
             held[-1] = True

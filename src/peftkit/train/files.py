@@ -114,6 +114,11 @@ def columns_of(records: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(k for r in records[:1000] for k in r))
 
 
+def _shown(cols: list[str], limit: int = 20) -> str:
+    names = ", ".join(map(str, cols[:limit]))
+    return names if len(cols) <= limit else f"{names}, ... ({len(cols)} columns)"
+
+
 def pick_field(records: list[dict[str, Any]], source: str, role: str, given: str | None,
                candidates: tuple[str, ...]) -> str:
     """The column playing `role`: `given` if set (must exist), else the first candidate present.
@@ -124,11 +129,11 @@ def pick_field(records: list[dict[str, Any]], source: str, role: str, given: str
     cols = columns_of(records)
     if given is not None and given not in cols:
         raise DataError(f"{source} has no column {given!r} (for the {role}).{did_you_mean(given, cols)} "
-                        f"Columns: {', '.join(map(str, cols))}; set --{role}-field.")
+                        f"Columns: {_shown(cols)}; set --{role}-field.")
     found = given if given is not None else next((c for c in candidates if c in cols), None)
     if found is None:
         raise DataError(f"{source} has no {role} column (looked for {', '.join(candidates)}). Columns: "
-                        f"{', '.join(map(str, cols))}; name the right one with --{role}-field.")
+                        f"{_shown(cols)}; name the right one with --{role}-field.")
     missing = next((i for i, r in enumerate(records) if found not in r), None)
     if missing is not None:
         raise DataError(f"{source} record {missing + 1} has no {found!r} field.")

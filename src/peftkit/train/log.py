@@ -18,11 +18,16 @@ class RunLog:
         self.path = path
         self.writer = None
         if tensorboard is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("--tensorboard needs the tensorboard package: `pip install tensorboard`.") from None
-            self.writer = SummaryWriter(str(tensorboard))
+            self.writer = self.check_tensorboard()(str(tensorboard))
+
+    @staticmethod
+    def check_tensorboard() -> Any:
+        """TensorBoard's SummaryWriter class; a clear error when the package is missing."""
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: `pip install tensorboard`.") from None
+        return SummaryWriter
 
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:

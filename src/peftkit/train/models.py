@@ -77,6 +77,12 @@ def load(path: str, task: str, num_labels: int | None = None, pad_id: int | None
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load {path} for {task}: {str(err).splitlines()[0]}") from None
+    except RuntimeError as err:
+        if "mismatched" not in str(err):
+            raise
+        raise ModelError(f"{path} has a classification head for another number of classes than the "
+                         f"{num_labels} asked for; use data with the head's classes, or a model folder without a "
+                         "head (the bare encoder).") from None
     return model
 
 

@@ -5,14 +5,20 @@ Output folder (``--out``, default ``runs/<model>-<data>-<method>``):
 - ``adapter/`` — the final adapter (peftkit format; ``peftkit.load(model, path)``);
 - ``best/`` — the best evaluated adapter, when ``--eval-every`` is set;
 - ``checkpoint/`` — the latest resumable checkpoint (``--resume``);
-- ``run.json`` — the effective config, the held-out split, label names, metrics;
+- ``run.json`` — the effective config (file paths made absolute), the held-out split, label names,
+  metrics;
 - ``metrics.jsonl`` — the training log.
+
+A folder that holds a run is never started over silently: an unfinished one asks for ``--resume``,
+a finished one for another ``--out`` or ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,21 +26,24 @@ from typing import Any
 
 import torch
 
+from ..core import registry
 from ..core.atomic import write_json
-from ..core.files import peftkit_format
+from ..core.files import detect
 from ..core.registry import config as method_config
 from ..core.tuned import attach
 from ..errors import ConfigError
+from . import assets, models
 from . import data as data_mod
-from . import models
-from .checkpoint import CheckpointError, read
-from .config import TrainConfig
+from .checkpoint import STATE, CheckpointError, read
+from .config import FIELDS, METRICS, TrainConfig
 from .distributed import Dist, setup, teardown
 from .hf_logging import quiet_transformers
 from .log import RunLog
+from .output import check_writable
 from .trainer import Trainer
 
 RUN_FILE = "run.json"
+RUN_ENTRIES = ("adapter", "best", "checkpoint", "tensorboard", "metrics.jsonl", RUN_FILE)  # what a run writes
 
 
 def default_out(cfg: TrainConfig) -> Path:
@@ -62,8 +71,9 @@ def plan(cfg: TrainConfig) -> Job:
     cfg.validate()
     resolved = cfg.resolved()
     method_cfg = method_config(resolved.method, **resolved.method_options)
-    if cfg.quantize is not None and cfg.quantize not in ("nf4", "fp4", "int8"):
-        raise ConfigError(f"--quantize must be nf4, fp4 or int8, got {cfg.quantize!r}.")
+    if cfg.format == "hf-peft" and registry.get(resolved.method).hf is None:
+        raise ConfigError(f"method {resolved.method!r} has no Hugging Face PEFT layout; save it with --format "
+                          "peftkit (the default).")
     path = models.resolve(cfg.model)
     causal = models.is_causal(path)
     fields = {"text": cfg.text_field, "label": cfg.label_field, "prompt": cfg.prompt_field,
@@ -74,49 +84,139 @@ def plan(cfg: TrainConfig) -> Job:
     if task in ("instruction", "lm") and not causal:
         raise ConfigError(f"task {task!r} needs a causal language model; {cfg.model} is an encoder. Use "
                           "--task classification, or a causal LM such as --model smollm2.")
-    cfg = dataclasses.replace(cfg, task=task).resolved()
-    out = Path(cfg.out) if cfg.out else default_out(cfg)
-    return Job(cfg, path, task, src, eval_src, method_cfg, out)
+    if cfg.metric is not None and cfg.metric not in METRICS[task]:
+        raise ConfigError(f"--metric {cfg.metric} is not measured for {task}; it reports "
+                          f"{', '.join(METRICS[task])}: pick one of those.")
+    if cfg.tensorboard:
+        RunLog.check_tensorboard()
+    if cfg.num_labels is not None and task != "classification":
+        raise ConfigError(f"--num-labels is for classification; this run's task is {task}. Leave it out.")
+    cfg = dataclasses.replace(cfg, task=task, **absolute_paths(cfg)).resolved()
+    if cfg.out:
+        out = Path(cfg.out)
+    elif cfg.resume not in (None, "", "auto"):
+        out = checkpoint_folder(Path(cfg.resume)).parent  # the resumed run's own folder
+    else:
+        out = default_out(cfg)
+    return Job(cfg, str(Path(path).resolve()) if Path(path).is_dir() else path, task, src, eval_src, method_cfg, out)
+
+
+def absolute_paths(cfg: TrainConfig) -> dict[str, str]:
+    """The model and data settings that name local files, made absolute: run.json is read from anywhere."""
+    out = {}
+    for key, embedded in (("model", assets.is_model_name), ("data", assets.is_dataset_name),
+                          ("eval_data", assets.is_dataset_name)):
+        value = getattr(cfg, key)
+        if value and not embedded(value) and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The checkpoint that ``--resume PATH`` means: PATH, or PATH/checkpoint for a run folder."""
+    return path / "checkpoint" if (path / "checkpoint" / STATE).is_file() else path
 
 
 def _resume_folder(job: Job) -> Path | None:
     if job.cfg.resume is None:
         return None
-    folder = job.out / "checkpoint" if job.cfg.resume in ("auto", "") else Path(job.cfg.resume)
+    if job.cfg.resume in ("auto", ""):
+        folder = job.out / "checkpoint"
+    else:
+        folder = checkpoint_folder(Path(job.cfg.resume))
+        if not (folder / STATE).is_file():
+            raise CheckpointError(f"{job.cfg.resume} holds no checkpoint; --resume takes a run folder (holding "
+                                  "checkpoint/), a checkpoint folder, or nothing (for <out>/checkpoint).")
     read(folder)  # fails early, before anything is written
     return folder
 
 
+def resumed_settings(resume: str) -> tuple[Path, dict[str, Any]] | None:
+    """(run folder, recorded settings) of the run ``--resume`` continues, None when nothing is recorded.
+
+    The settings come from the run's run.json, else from the checkpoint (which records them too); keys
+    this version does not know are left out, and relative file paths of older runs are anchored."""
+    if resume in ("auto", ""):
+        return None
+    folder = checkpoint_folder(Path(resume))
+    if not (folder / STATE).is_file():
+        return None
+    run_dir = folder.parent
+    doc = _read_json(run_dir / RUN_FILE) or {}
+    config = doc.get("config") or (read(folder).get("run") or {}).get("config")
+    if not isinstance(config, dict):
+        return None
+    config = _anchored({"config": config}, run_dir)["config"]
+    return run_dir, {k: v for k, v in config.items() if k in FIELDS and k not in ("out", "resume", "overwrite")}
+
+
 def _guard_out(job: Job, resume: Path | None) -> None:
-    """Refuse to start over on top of an unfinished run (its checkpoint would be lost)."""
-    folder = job.out / "checkpoint"
-    if resume is not None or not (folder / "trainer.json").is_file():
+    """Refuse to start over on top of a run: an unfinished one (its checkpoint would be lost) or a
+    finished one (its adapter would be replaced), unless told to with ``overwrite``."""
+    if resume is not None or job.cfg.overwrite:
         return
-    try:
-        doc = read(folder)
-    except CheckpointError:
-        return
-    if not doc.get("finished") and doc.get("step", 0) < doc.get("total_steps", 0):
-        raise CheckpointError(f"{job.out} holds an unfinished run (step {doc['step']} of {doc['total_steps']}); "
-                              "pass --resume to continue it, or choose another --out.")
+    out, folder = job.out, job.out / "checkpoint"
+    if (folder / STATE).is_file():
+        try:
+            doc = read(folder)
+        except CheckpointError:
+            doc = {}
+        if not doc.get("finished") and doc.get("step", 0) < doc.get("total_steps", 0):
+            raise CheckpointError(f"{out} holds an unfinished run (step {doc['step']} of {doc['total_steps']}); "
+                                  "pass --resume to continue it, choose another --out, or pass --overwrite to "
+                                  "start over.")
+    finished = detect(out / "adapter") is not None or "result" in (_read_json(out / RUN_FILE) or {})
+    if finished:
+        raise CheckpointError(f"{out} holds a finished run (its adapter/ and run.json would be replaced); choose "
+                              "another --out, or pass --overwrite to replace it.")
 
 
-def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the main job; returns the result dict that ``--json`` prints."""
+def _clear_run(out: Path) -> None:
+    """With ``overwrite``: the previous run's files go, so none of them is mistaken for this run's."""
+    for name in RUN_ENTRIES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _quiet(_message: str) -> None:
+    """What processes other than the main one print."""
+
+
+def _warn(message: str) -> None:
+    print(f"peftkit: warning: {message}", file=sys.stderr, flush=True)
+
+
+def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print,
+          warn: Callable[[str], None] = _warn) -> dict[str, Any]:
+    """Run the main job; returns the result dict that ``--json`` prints. `echo` gets the progress
+    lines, `warn` what the user should hear of (e.g. rows dropped from the data)."""
     job = plan(cfg)
     dist = setup()
     try:
-        return _train(job, dist, echo if dist.main else (lambda _s: None))
+        return _train(job, dist, echo if dist.main else _quiet, warn if dist.main else _quiet)
     finally:
         teardown(dist)
 
 
-def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
+def _data(job: Job) -> tuple[Any, data_mod.Prepared]:
     cfg = job.cfg
     tok = models.tokenizer(job.model_path)
     prepared = data_mod.prepare(cfg, tok, job.task, job.source, job.eval_source)
     if cfg.num_labels is not None and prepared.num_labels is not None:
-        prepared.num_labels = max(prepared.num_labels, cfg.num_labels)
+        if cfg.num_labels < prepared.num_labels:
+            classes = data_mod.listing(prepared.label_names or list(range(prepared.num_labels)))
+            raise ConfigError(f"--num-labels {cfg.num_labels} is fewer than the {prepared.num_labels} classes in "
+                              f"{cfg.data} ({classes}); leave --num-labels out, or give at least "
+                              f"{prepared.num_labels}.")
+        prepared.num_labels = cfg.num_labels
+    return tok, prepared
+
+
+def _model(job: Job, dist: Dist, tok: Any, prepared: data_mod.Prepared) -> Any:
+    cfg = job.cfg
     torch.manual_seed(cfg.seed)  # a new task head is initialised while loading: --seed must cover it
     model = _load_model(job, prepared.num_labels, tok.pad_token_id)
     if cfg.base_dropout is not None:  # before attaching: the adapter's own dropout stays as configured
@@ -126,7 +226,13 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
     tuned.to(dist.device)
     if cfg.gradient_checkpointing:
         tuned.gradient_checkpointing_enable()
-    return tok, prepared, tuned
+    return tuned
+
+
+def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
+    """(tokenizer, data, the model with the adapter attached)."""
+    tok, prepared = _data(job)
+    return tok, prepared, _model(job, dist, tok, prepared)
 
 
 def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.nn.Module:
@@ -173,33 +279,42 @@ def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id
     return list(tuned.calibrate(batches))
 
 
-def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
+def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[str], None]) -> dict[str, Any]:
     cfg, out = job.cfg, job.out
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     resume = _resume_folder(job)
-    _guard_out(job, resume)
+    check_writable(out)
     t_start = time.perf_counter()
     tok, prepared, tuned = _prepare(job, dist)
+    _guard_out(job, resume)  # after every mistake in the data and method options has been reported
     calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist)
     summary = tuned.summary()
+    trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist,
+                      save_best=(lambda: tuned.save(str(out / "best"), format=cfg.format)) if cfg.eval_every else None)
+    if resume is not None:
+        trainer.resume(resume)  # a checkpoint of another run is refused here, before run.json is touched
+    # nothing is written before this point: a mistake in the input leaves the folder as it was
+    for note in prepared.notes:
+        warn(note)
     _announce(job, dist, prepared, summary, calibrated, echo)
+    if cfg.overwrite and resume is None and dist.main:
+        _clear_run(out)
     run_doc = {"config": cfg.to_dict(), "model_path": job.model_path, "data": prepared.meta,
                "label_names": prepared.label_names, "num_labels": prepared.num_labels, "world_size": dist.world}
     log = RunLog(out / "metrics.jsonl" if dist.main else None,
                  tensorboard=out / "tensorboard" if cfg.tensorboard and dist.main else None)
+    trainer.log = log
     if dist.main:
         if resume is None and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
         write_json(out / RUN_FILE, run_doc, default=str)
-    trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist, log=log,
-                      save_best=(lambda: tuned.save(str(out / "best"))) if cfg.eval_every else None)
     before = _start(job, trainer, tuned, prepared, tok.pad_token_id, dist, resume, echo)
     result = trainer.fit()
     metrics = _final_metrics(job, trainer, tuned, result)
     adapter_dir = out / "adapter"
     if dist.main:
-        tuned.save(str(adapter_dir))
+        tuned.save(str(adapter_dir), format=cfg.format)
     log.close()
     adapter_bytes = models.folder_bytes(adapter_dir) if dist.main else 0
     echo("  after:  " + _fmt(metrics) + (" (stopped early)" if result.stopped_early else ""))
@@ -208,7 +323,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None]) -> dict[str, Any]:
     doc = {"metrics": metrics, "metrics_before": before, "trainable_params": summary.trainable,
            "total_params": summary.total, "adapter_path": str(adapter_dir), "adapter_bytes": adapter_bytes,
            "train_seconds": round(result.train_seconds, 3), "steps": result.steps, "task": job.task,
-           "method": cfg.method, "out": str(out), "best": result.best}
+           "method": cfg.method, "out": str(out), "best": result.best, "notes": prepared.notes}
     if dist.main:
         write_json(out / RUN_FILE, {**run_doc, "result": doc}, default=str)
     return doc
@@ -230,11 +345,11 @@ def _announce(job: Job, dist: Dist, prepared: data_mod.Prepared, summary: Any, c
 
 def _start(job: Job, trainer: Trainer, tuned: Any, prepared: data_mod.Prepared, pad_id: int, dist: Dist,
            resume: Path | None, echo: Callable[[str], None]) -> dict[str, float]:
-    """Resume from `resume`, or start fresh: fit a new head when the recipe says so, evaluate the start.
-    Returns the metrics before training (empty when resuming or not evaluated)."""
+    """Say where a resumed run (already restored) continues, or start fresh: fit a new head when the
+    recipe says so, evaluate the start. Returns the metrics before training (empty when resuming or
+    not evaluated)."""
     before: dict[str, float] = {}
     if resume is not None:
-        trainer.resume(resume)
         echo(f"  resumed from {resume} at step {trainer.state['step']} of {trainer.total_steps}")
     else:
         if job.cfg.probe_head and job.task == "classification":
@@ -252,27 +367,66 @@ def _final_metrics(job: Job, trainer: Trainer, tuned: Any, result: Any) -> dict[
     """The last evaluation, or with ``--load-best`` the best adapter put back and evaluated."""
     best_dir = job.out / "best"
     best = result.best
-    if job.cfg.load_best and best and best["step"] != result.steps and (best_dir / peftkit_format.META).is_file():
-        tuned.load_adapter_state("default", peftkit_format.read_state(best_dir))
+    found = detect(best_dir) if best_dir.is_dir() else None
+    if job.cfg.load_best and best and best["step"] != result.steps and found is not None:
+        tuned.load_adapter_state("default", found.read(tuned.model, best_dir, False)[1])
         return trainer.evaluate()
     return result.metrics
 
 
 def _fmt(metrics: dict[str, float]) -> str:
+    if not metrics:
+        return "not evaluated (no held-out examples)"
     keys = [k for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in metrics]
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
 
 
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _origins(run_dir: Path, out: Any) -> list[Path]:
+    """Where a run's relative paths may start: the folder it was started from (its folder minus its
+    --out), then the run folder and the folders above it."""
+    here = run_dir.resolve()
+    places = []
+    if isinstance(out, str) and out and not Path(out).is_absolute():
+        parts = Path(out).parts
+        if here.parts[-len(parts):] == parts:
+            places.append(Path(*here.parts[:-len(parts)]))
+    return places + [Path.cwd(), here, *here.parents]
+
+
+def _anchored(doc: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """`doc` (a run.json) with relative model / data paths, as older runs wrote them, made absolute."""
+    config = dict(doc.get("config") or {})
+    named = {"model": assets.is_model_name, "data": assets.is_dataset_name, "eval_data": assets.is_dataset_name}
+    for key, embedded in named.items():
+        value = config.get(key)
+        if not isinstance(value, str) or not value or embedded(value) or Path(value).expanduser().is_absolute():
+            continue
+        found = next((base / value for base in _origins(run_dir, config.get("out")) if (base / value).exists()), None)
+        if found is not None:
+            config[key] = str(found.resolve())
+    anchored = {**doc, "config": config}
+    if isinstance(doc.get("model_path"), str) and not Path(doc["model_path"]).is_absolute():
+        anchored["model_path"] = config.get("model", doc["model_path"])
+    return anchored
+
+
 def load_run(adapter_dir: str | Path) -> dict[str, Any] | None:
-    """The run.json next to an adapter folder (``<out>/adapter`` → ``<out>/run.json``), if any."""
+    """The run.json next to an adapter folder (``<out>/adapter`` → ``<out>/run.json``), if any,
+    with the relative file paths of older runs made absolute."""
     folder = Path(adapter_dir)
     for candidate in (folder / RUN_FILE, folder.parent / RUN_FILE):
         if candidate.is_file():
-            try:
-                return json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
-                return None
+            doc = _read_json(candidate)
+            return None if doc is None else _anchored(doc, candidate.parent)
     return None
 
 
-__all__ = ["Job", "load_run", "plan", "train"]
+__all__ = ["Job", "load_run", "plan", "resumed_settings", "train"]

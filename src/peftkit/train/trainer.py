@@ -182,7 +182,8 @@ class Trainer:
                     controllers[name] = ctl.state_dict()
             state = {**self.state, "identity": self._identity(), "total_steps": self.total_steps,
                      "epoch": self.state["step"] // self.steps_per_epoch,
-                     "batch_in_epoch": self.state["step"] % self.steps_per_epoch}
+                     "batch_in_epoch": self.state["step"] % self.steps_per_epoch,
+                     "run": {"config": self.cfg.to_dict()}}  # `--resume FOLDER` restores these settings
             ckpt.save(folder, self.tuned, self.adapter, self.optimizer, state, controllers)
         barrier(self.dist)
         return folder
@@ -190,7 +191,8 @@ class Trainer:
     def resume(self, folder: Path) -> None:
         doc = ckpt.read(folder)
         mine = self._identity()
-        diff = [k for k in mine if doc.get("identity", {}).get(k) != mine[k]]
+        theirs_all = doc.get("identity", {})
+        diff = [k for k in mine if theirs_all.get(k) != mine[k] and not _same_file(theirs_all.get(k), mine[k])]
         if diff:
             k = diff[0]
             theirs = doc.get("identity", {}).get(k, "not recorded, an older peftkit")
@@ -256,7 +258,8 @@ class Trainer:
         """Held-out metrics (see `evaluate`)."""
         enc = enc if enc is not None else self.data.eval
         return evaluate(self.tuned, enc, self.data.task, num_labels=self.data.num_labels, pad_id=self.pad_id,
-                        batch_size=self.cfg.eval_batch_size, dist=self.dist)
+                        batch_size=self.cfg.eval_batch_size, dist=self.dist,
+                        progress=self.cfg.progress and self.dist.main)
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -351,12 +354,27 @@ class Trainer:
                     dynamic_ncols=True, mininterval=1.0, leave=False)
 
 
+def _same_file(a: Any, b: Any) -> bool:
+    """Two spellings of one local path (older checkpoints recorded them relative)."""
+    return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+
+
+def _eval_bar(batches: list[list[int]], show: bool) -> Any:
+    """`batches`, with a progress bar on stderr when `show` (the training bar's style)."""
+    if not show:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc="eval", unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+                leave=False)
+
+
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labels: int | None, pad_id: int,
-             batch_size: int = 128, dist: Dist | None = None) -> dict[str, float]:
+             batch_size: int = 128, dist: Dist | None = None, progress: bool = False) -> dict[str, float]:
     """Held-out metrics of `model` on `enc`: accuracy, macro-F1 and loss for classification; loss
-    and perplexity otherwise. Length-sorted batches; with `dist`, each process takes a share and
-    the counts are summed."""
+    and perplexity otherwise (`config.METRICS`). Length-sorted batches; with `dist`, each process
+    takes a share and the counts are summed. `progress`: a progress bar on stderr."""
     dist = dist or Dist()
     if enc is None or len(enc) == 0:
         return {}
@@ -366,7 +384,7 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
     confusion = torch.zeros(k, k, dtype=torch.float64)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
     trim = trims_logits(model, enc)
-    for index in eval_batches(enc, batch_size, dist.rank, dist.world):
+    for index in _eval_bar(list(eval_batches(enc, batch_size, dist.rank, dist.world)), progress):
         inputs = {key: v.to(dist.device) for key, v in collate(enc, index, pad_id).items()}
         if trim:
             inputs = answer_logits_only(inputs)

@@ -57,7 +57,8 @@ class PrefixTuningConfig(SiteConfig):
         yield from check((self.num_kv_heads is None) == (self.head_dim is None),
                          "give num_kv_heads and head_dim together")
         yield from check(self.targets is None and self.exclude is None,
-                         "prefix_tuning attaches to every self-attention; use layers=... to choose some")
+                         f"targets / exclude must be unset (got {self.targets!r} / {self.exclude!r}): prefix_tuning "
+                         "attaches to every self-attention; use layers=... to choose some")
 
 
 def _prefix_mlp(dim: int, hidden: int, out: int, dtype: torch.dtype, device: torch.device) -> nn.Module:

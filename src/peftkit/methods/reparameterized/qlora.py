@@ -56,7 +56,8 @@ class QLoraConfig(LoraConfig):
             QuantSpec(self.quant_type, self.double_quant, self.blocksize, self.backend)
             parse_dtype(self.compute_dtype)
         except ConfigError as err:
-            yield str(err).removeprefix("invalid quantization options: ").rstrip(".")
+            # the quantizer calls quant_type "scheme": name the option as it is given here
+            yield str(err).removeprefix("invalid quantization options: ").rstrip(".").replace("scheme ", "quant_type ")
 
     def quantization(self) -> dict[str, Any]:
         """Keyword arguments of `peftkit.quantize` for this recipe's base."""
