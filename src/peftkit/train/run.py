@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..core.atomic import write_json
+from ..core.atomic import existing, write_json
 from ..core.files import peftkit_format
 from ..core.registry import config as method_config
 from ..core.tuned import attach
@@ -89,7 +89,7 @@ def _resume_folder(job: Job) -> Path | None:
 
 def _guard_out(job: Job, resume: Path | None) -> None:
     """Refuse to start over on top of an unfinished run (its checkpoint would be lost)."""
-    folder = job.out / "checkpoint"
+    folder = existing(job.out / "checkpoint")  # or the copy a killed checkpoint write left aside
     if resume is not None or not (folder / "trainer.json").is_file():
         return
     try:
