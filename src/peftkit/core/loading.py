@@ -12,7 +12,7 @@ import os
 
 from torch import nn
 
-from ..errors import AdapterFileError
+from ..errors import AdapterFileError, BaseMismatchError
 from .atomic import existing
 from .files import FORMATS, INDEX, detect, read_index
 from .tuned import TunedModel
@@ -40,7 +40,12 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
         raw = model.model if isinstance(model, TunedModel) else model
         config, state, saved_name = found.read(raw, folder, check_base)
         tuned = model if isinstance(model, TunedModel) else TunedModel(model)
-        return tuned.attach(config, name or saved_name or "default", trainable=trainable, state=state)
+        try:
+            return tuned.attach(config, name or saved_name or "default", trainable=trainable, state=state)
+        except BaseMismatchError:
+            raise
+        except AdapterFileError as err:  # the tensors do not fit what the config builds: name the file
+            raise AdapterFileError(f"{folder / found.files[0]}: {err} If not, {AdapterFileError.remedy}.") from None
     if os.path.lexists(folder / INDEX):
         names = read_index(folder)
         chosen = [adapter] if adapter is not None else names

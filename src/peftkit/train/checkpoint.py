@@ -116,7 +116,7 @@ def _doc_problem(doc: dict[str, Any]) -> str | None:
     wrong = [k for k, kind in fields.items() if (k in doc or k in required)
              and (not isinstance(doc.get(k), kind) or isinstance(doc.get(k), bool))]
     if wrong or doc["step"] < 0:
-        return f"{(wrong or ['step'])[0]!r} is missing or of the wrong type"
+        return f"{(wrong or ['step'])[0]!r} is missing, negative or of the wrong type"
     if not isinstance(doc.get("best"), dict | None) or not isinstance(doc.get("identity", {}), dict):
         return "'best' or 'identity' is malformed"
     opt = doc.get("optimizer", {})
@@ -194,9 +194,12 @@ def _optimizer_problem(tensors: dict[str, torch.Tensor], optimizer: torch.optim.
         index, _, name = key.partition(".")
         if not (index.isdigit() and int(index) < len(params) and name in OPTIMIZER_TENSORS):
             return f"tensor {key!r} names no state of this run's {len(params)} parameters"
-        shape = () if name == "step" else tuple(params[int(index)].shape)
-        if not value.is_floating_point() or tuple(value.shape) != shape:
-            return f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, where a float {shape} is expected"
+        param = params[int(index)]
+        shape = () if name == "step" else tuple(param.shape)
+        dtype_ok = value.is_floating_point() if name == "step" else value.dtype == param.dtype  # AdamW's own
+        if not dtype_ok or tuple(value.shape) != shape:
+            return (f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, where "
+                    f"{'a float' if name == 'step' else param.dtype} {shape} is expected")
     return None
 
 
@@ -205,20 +208,22 @@ def _load(folder: Path, doc: dict[str, Any], optimizer: torch.optim.Optimizer) -
     if doc["version"] >= 2:
         _check_files(folder, doc)
     try:
-        adapter = peftkit_format.read_state(folder)
-    except AdapterFileError as err:
-        raise CheckpointError(f"the adapter in checkpoint {folder} is unusable ({err})") from None
+        adapter = peftkit_format.read_state(folder, error=CheckpointError)
+    except AdapterFileError as err:  # adapter.json of the checkpoint
+        raise CheckpointError(f"{err} ({CheckpointError.remedy})") from None
     opt = read_tensors(folder / OPTIMIZER, error=CheckpointError)
     finite(opt, folder / OPTIMIZER, CheckpointError)
     problem = _optimizer_problem(opt, optimizer)
+    if problem:
+        raise CheckpointError(f"{folder / OPTIMIZER} does not fit this run: {problem}; {CheckpointError.remedy}.")
     rng = read_tensors(folder / RNG, error=CheckpointError)
     like = torch.get_rng_state()
-    if not problem and any(k != "torch" and not k.startswith("cuda.") for k in rng):
-        problem = f"{RNG} holds tensors that are not generator states ({sorted(rng)[:3]})"
-    if not problem and (rng.get("torch") is None or rng["torch"].dtype != like.dtype or rng["torch"].shape != like.shape):
-        problem = f"{RNG} holds no torch generator state of {like.dtype} {tuple(like.shape)}"
+    if any(k != "torch" and not k.startswith("cuda.") for k in rng):
+        problem = f"it holds tensors that are not generator states ({sorted(rng)[:3]})"
+    elif rng.get("torch") is None or rng["torch"].dtype != like.dtype or rng["torch"].shape != like.shape:
+        problem = f"it holds no torch generator state of {like.dtype} {tuple(like.shape)}"
     if problem:
-        raise CheckpointError(f"checkpoint {folder} does not fit this run: {problem}; {CheckpointError.remedy}.")
+        raise CheckpointError(f"{folder / RNG} is unusable: {problem}; {CheckpointError.remedy}.")
     try:
         joined = _join_optimizer(opt, doc["optimizer"])
     except (LookupError, TypeError, ValueError) as err:
@@ -248,7 +253,7 @@ def restore(folder: Path, doc: dict[str, Any], tuned: Any, adapter: str,
         tuned.load_adapter_state(adapter, loaded.adapter)
     except PeftkitError as err:
         optimizer.load_state_dict(before)
-        raise CheckpointError(f"the adapter in checkpoint {folder} does not fit this run ({err}); resume with the "
+        raise CheckpointError(f"{folder / peftkit_format.WEIGHTS} does not fit this run ({err}); resume with the "
                               "same settings, or start a new run with another --out.") from None
     torch.set_rng_state(loaded.rng["torch"])
     cuda = [loaded.rng[k] for k in sorted(loaded.rng) if k.startswith("cuda.")]

@@ -54,21 +54,21 @@ def read_index(folder: Path) -> list[str]:
     path = folder / INDEX
     names = read_json(path).get("adapters")
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise AdapterFileError(f"{path} has no list of adapter names; the folder is damaged: save it again.")
+        raise AdapterFileError(f"{path} has no list of adapter names; the folder is damaged: {AdapterFileError.remedy}.")
     bad = next((n for n in names if not peftkit_format.ADAPTER_NAME.match(n)), None)
     if bad is not None:
         raise AdapterFileError(f"{path} names adapter {bad[:80]!r}: names are letters, digits, '_' and '-', not "
-                               "paths; the folder is damaged or was not written by peftkit.")
+                               f"paths, so the folder is damaged or was not written by peftkit: {AdapterFileError.remedy}.")
     if len(set(names)) != len(names):
-        raise AdapterFileError(f"{path} names an adapter twice; the folder is damaged: save it again.")
+        raise AdapterFileError(f"{path} names an adapter twice; the folder is damaged: {AdapterFileError.remedy}.")
     real = folder.resolve()
     for name in names:
         sub = folder / name
         if not sub.is_dir() or sub.resolve() != real / name:
             raise AdapterFileError(f"{sub} is {'a link' if sub.is_symlink() else 'not a folder'}; each adapter of "
-                                   f"{path} must be a folder inside {folder}. Save the adapters again.")
+                                   f"{path} must be a folder inside {folder}: {AdapterFileError.remedy}.")
         if detect(sub) is None:
-            raise AdapterFileError(f"{sub} holds no single adapter; the folder is damaged: save it again.")
+            raise AdapterFileError(f"{sub} holds no single adapter; the folder is damaged: {AdapterFileError.remedy}.")
     return names
 
 

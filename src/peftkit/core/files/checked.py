@@ -201,7 +201,7 @@ def read_tensors(path: Path, expected_sha256: str | None = None, expected_bytes:
     if odd:
         name, dtype = next(iter(odd.items()))
         raise error(f"{path} stores tensor {name!r} as {dtype}, where {'/'.join(sorted(dtypes or ()))} is expected: "
-                    f"the file was not written by peftkit for a model: {error.remedy}.")
+                    f"so it does not hold adapter weights: {error.remedy}.")
     if expected_sha256 is not None and sha256_file(real) != expected_sha256:
         raise error(f"{path} does not match its recorded SHA-256: the file is corrupted: {error.remedy}.")
     try:

@@ -92,12 +92,13 @@ def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
             "open it. If you trust it, convert it with PEFT: PeftModel.from_pretrained(base_model, "
             f"'{folder}').save_pretrained('<new folder>', safe_serialization=True), then load the new folder.")
     if not os.path.lexists(weights):
-        raise AdapterFileError(f"{folder} has {HF_CONFIG} but no {HF_WEIGHTS}; the adapter folder is incomplete.")
+        raise AdapterFileError(f"{folder} has {HF_CONFIG} but no {HF_WEIGHTS}; the adapter folder is incomplete: "
+                               f"{AdapterFileError.remedy}.")
     tensors = read_tensors(weights, dtypes=FLOATING)
     recorded = metadata(weights).get(CHECKSUM)
     if recorded is not None and recorded != tensors_sha256(tensors):
         raise AdapterFileError(f"{weights} does not match the SHA-256 recorded when peftkit wrote it: the file is "
-                               "corrupted. Save the adapter again or restore it from a backup.")
+                               f"corrupted: {AdapterFileError.remedy}.")
     finite(tensors, weights)
     return tensors
 
@@ -149,19 +150,22 @@ def read(model: nn.Module, folder: Path, check_base: bool) -> tuple[Any, Tensors
     _refuse_remote_code(hf, folder / HF_CONFIG)
     peft_type = hf.get("peft_type")
     if not isinstance(peft_type, str):
-        raise AdapterFileError(f"{folder / HF_CONFIG} has no 'peft_type' name; it is not a PEFT adapter config.")
+        raise AdapterFileError(f"{folder / HF_CONFIG} has no 'peft_type' name, so it is not a PEFT adapter config: "
+                               f"{AdapterFileError.remedy}.")
     copies = hf.get("modules_to_save")
     if copies is not None and not (isinstance(copies, list) and all(isinstance(c, str) for c in copies)):
-        raise AdapterFileError(f"{folder / HF_CONFIG}: 'modules_to_save' is not a list of module names.")
+        raise AdapterFileError(f"{folder / HF_CONFIG}: 'modules_to_save' is not a list of module names: "
+                               f"{AdapterFileError.remedy}.")
     try:
         spec = registry.by_peft_type(peft_type)
     except ConfigError as err:
-        raise AdapterFileError(f"{folder / HF_CONFIG}: {err}") from None
+        raise AdapterFileError(f"{folder / HF_CONFIG}: {err} Load it with PEFT itself.") from None
     tensors = _read_hf_tensors(folder)
     copy_sites, copy_state = _take_copies(hf, tensors, model, spec.hf.module_prefix)
     try:
         config, state = spec.hf.from_hf(hf, tensors, model)
         config = config.replace(trainable_modules=copy_sites or None)
     except (PeftkitError, LookupError, TypeError, ValueError) as err:  # the codec read a malformed option
-        raise AdapterFileError(f"cannot read PEFT adapter {folder}: {err}") from None
+        raise AdapterFileError(f"cannot read PEFT adapter {folder / HF_CONFIG}: {err} ({AdapterFileError.remedy})"
+                               ) from None
     return config, {**state, **copy_state}, None

@@ -22,7 +22,7 @@ from ...version import __version__
 from ..atomic import atomic_file, write_json
 from ..fingerprint import compare, fingerprint
 from ..registry import config as make_config
-from .checked import TENSOR_NAME, finite, read_json, read_tensors, sha256_file
+from .checked import TENSOR_NAME, ErrorClass, finite, read_json, read_tensors, sha256_file
 
 NAME = "peftkit"
 VERSION = 1
@@ -98,28 +98,28 @@ def read_meta(folder: Path) -> dict[str, Any]:
     """``adapter.json``, checked to be a well-formed peftkit description this version reads."""
     meta = read_json(folder / META)
     if meta.get("format") != NAME:
-        raise AdapterFileError(f"{folder / META} is not a peftkit adapter description.")
+        raise AdapterFileError(f"{folder / META} is not a peftkit adapter description: {AdapterFileError.remedy}.")
     version = meta.get("format_version")
     if type(version) is not int or version < 1:
         raise AdapterFileError(f"{folder / META} has no valid format_version ({version!r}); the adapter folder is "
-                               "damaged: save it again.")
+                               f"damaged: {AdapterFileError.remedy}.")
     if version > VERSION:
-        raise AdapterFileError(f"{folder} uses adapter format version {version!r}; this peftkit reads up to "
+        raise AdapterFileError(f"{folder / META} uses adapter format version {version!r}; this peftkit reads up to "
                                f"{VERSION}. Upgrade peftkit to load it.")
     problem = _meta_problem(meta)
     if problem:
-        raise AdapterFileError(f"{folder / META} is malformed: {problem}. The adapter folder is damaged; save "
-                               "it again.")
+        raise AdapterFileError(f"{folder / META} is malformed: {problem}. The adapter folder is damaged: "
+                               f"{AdapterFileError.remedy}.")
     return meta
 
 
-def read_state(folder: Path, meta: dict[str, Any] | None = None) -> Tensors:
+def read_state(folder: Path, meta: dict[str, Any] | None = None, error: ErrorClass = AdapterFileError) -> Tensors:
     """The adapter's tensors, checked against the size and SHA-256 its description records, and
-    refused when they hold NaN or infinity."""
+    refused (with `error`) when they hold NaN or infinity."""
     meta = read_meta(folder) if meta is None else meta
     info = meta.get("files", {}).get(WEIGHTS, {})
-    state = read_tensors(folder / WEIGHTS, info.get("sha256"), info.get("bytes"), dtypes=DTYPES)
-    finite(state, folder / WEIGHTS)
+    state = read_tensors(folder / WEIGHTS, info.get("sha256"), info.get("bytes"), dtypes=DTYPES, error=error)
+    finite(state, folder / WEIGHTS, error)
     return state
 
 
@@ -133,7 +133,8 @@ def read(model: nn.Module, folder: Path, check_base: bool) -> tuple[Any, Tensors
     try:
         config = make_config(meta["config"])
     except (PeftkitError, KeyError, TypeError, ValueError) as err:
-        raise AdapterFileError(f"{folder / META} holds an invalid method config: {err}") from None
+        raise AdapterFileError(f"{folder / META} holds an invalid method config: {err} ({AdapterFileError.remedy}, "
+                               "or upgrade peftkit if a newer one wrote it)") from None
     state = read_state(folder, meta)
     base = meta.get("base") or {}
     errors, notes = compare(base, model, whole=_copied_sites(state)) if check_base else ([], [])
