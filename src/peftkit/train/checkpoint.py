@@ -42,7 +42,7 @@ OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
 OPTIMIZER_TENSORS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's per-parameter state
 
-__all__ = ["CheckpointError", "read", "restore", "save"]
+__all__ = ["CheckpointError", "read", "restore", "save", "verify"]
 
 
 def _controller_file(name: str) -> str:
@@ -174,6 +174,18 @@ def read(folder: Path) -> dict[str, Any]:
     problem = _doc_problem(doc)
     if problem:
         raise CheckpointError(f"{path} is malformed: {problem}; {CheckpointError.remedy}.")
+    return doc
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check checkpoint `folder` whole without a model (its state, every file's size and SHA-256,
+    the adapter and tensor files); returns its trainer state. Raises `CheckpointError`."""
+    doc = read(folder)
+    folder = existing(folder)
+    if doc["version"] >= 2:
+        _check_files(folder, doc)
+    for name in (peftkit_format.WEIGHTS, OPTIMIZER, RNG, *(_controller_file(n) for n in doc.get("controllers", []))):
+        read_tensors(folder / name, error=CheckpointError)
     return doc
 
 
