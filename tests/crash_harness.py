@@ -143,6 +143,9 @@ class Tally:
 
 
 def leftovers(path: Path) -> list[str]:
+    """Temporary files and folders of `path` in its folder (none when the folder does not exist yet)."""
+    if not path.parent.is_dir():
+        return []
     return [p.name for p in path.parent.iterdir() if p.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-"))]
 
 

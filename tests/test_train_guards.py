@@ -73,11 +73,21 @@ def test_a_non_finite_step_stops_training_and_keeps_the_last_checkpoint(poison, 
     assert stopped.value.step == 5 and isinstance(stopped.value, PeftkitError) and "\n" not in str(stopped.value)
     assert ckpt.verify(out / "checkpoint")["step"] == 4  # whole, finite, not overwritten
     assert not (out / "adapter").exists()  # no adapter from bad weights
+
+
+def test_resuming_past_a_bad_step_gives_the_undisturbed_run(tmp_path, bert_dir, sentiment_csv, monkeypatch) -> None:
+    """The kept checkpoint is the good state before the bad step: once the cause is gone (here the
+    injected NaN gradient; in practice a lower --lr or fixed data), --resume ends where a run that
+    never met it ends, bit for bit."""
+    out = tmp_path / "run"
+    inject(monkeypatch, at=5, poison=NanGradient.apply)
+    with pytest.raises(Diverged):
+        run(out, bert_dir, sentiment_csv)
     monkeypatch.undo()
     assert run(out, bert_dir, sentiment_csv, resume="auto")["steps"] == 8
     run(tmp_path / "clean", bert_dir, sentiment_csv)
     a, b = saved_adapter(out / "adapter"), saved_adapter(tmp_path / "clean" / "adapter")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the kept checkpoint was the good one
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_huge_learning_rate_is_stopped_before_anything_bad_is_saved(tmp_path, bert_dir, sentiment_csv) -> None:

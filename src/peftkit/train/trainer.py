@@ -168,7 +168,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0,
                                       "finished": False, "stopped_early": False}
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
-        self.checkpoint_step: int | None = None  # the step of the last checkpoint written or resumed from
+        self.last_checkpoint: tuple[Path, int] | None = None  # (folder, step) last written or resumed from
         self.pool = pool_batches(data.train.per_token)
         self.trim_logits = trims_logits(tuned, data.train)
         if n < self.pieces:
@@ -194,7 +194,7 @@ class Trainer:
                      "epoch": self.state["step"] // self.steps_per_epoch,
                      "batch_in_epoch": self.state["step"] % self.steps_per_epoch}
             ckpt.save(folder, self.tuned, self.adapter, self.optimizer, state, controllers)
-        self.checkpoint_step = self.state["step"]
+        self.last_checkpoint = (folder, self.state["step"])
         barrier(self.dist)
         return folder
 
@@ -215,7 +215,7 @@ class Trainer:
                 ctl.load_state_dict(state)
         for key in ("step", "best", "bad_evals", "history", "elapsed", "stopped_early"):
             self.state[key] = doc.get(key, self.state[key])
-        self.checkpoint_step = self.state["step"]
+        self.last_checkpoint = (folder, self.state["step"])
 
     # -- batches ----------------------------------------------------------------------------------
     def _batch(self, step: int) -> list[int]:
@@ -278,8 +278,10 @@ class Trainer:
         return bool(all_sum(self.dist, torch.tensor([1.0 if flag else 0.0])).item() > 0)
 
     def _diverged(self, step: int, what: str) -> str:
-        kept = (f"the last checkpoint ({self.out / 'checkpoint'}, step {self.checkpoint_step}) is kept and --resume "
-                "continues from it" if self.checkpoint_step is not None else "no checkpoint had been written yet")
+        kept = "no checkpoint had been written yet"
+        if self.last_checkpoint is not None:
+            folder, at = self.last_checkpoint
+            kept = f"the last checkpoint ({folder}, step {at}) is kept and --resume continues from it"
         clip = "" if self.cfg.max_grad_norm else ", turn gradient clipping back on (--max-grad-norm 1.0)"
         return (f"training diverged at step {step + 1}: the {what}. Nothing from this step was applied or saved; "
                 f"{kept}. Lower --lr (now {self.cfg.lr:g}){clip}, or check the data for broken examples.")
