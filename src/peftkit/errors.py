@@ -30,6 +30,14 @@ class NotMergeableError(PeftkitError, RuntimeError):
 class AdapterFileError(PeftkitError, OSError):
     """An adapter file or folder is missing, corrupt, or does not fit the model."""
 
+    remedy = "save the adapter again or restore it from a backup"  # what to do about a damaged file
+
+
+class CheckpointError(PeftkitError, OSError):
+    """A training checkpoint is missing, damaged or from an incompatible run."""
+
+    remedy = "resume from another checkpoint or start the run again"
+
 
 class BaseMismatchError(AdapterFileError):
     """An adapter's recorded base does not match the model it is loaded onto. The message ends with

@@ -1,20 +1,20 @@
 """`peftkit.load`: an adapter folder (either format, detected) onto a model.
 
 A failed load leaves the model exactly as it was (modules, weights and ``requires_grad`` flags):
-files are read and checked before anything is attached, and `TunedModel.attach` undoes itself on
-any later error.
+files are read and checked before anything is attached (`core/files/checked.py`: nothing a file
+names is imported or run, no link out of the folder is followed, sizes are bounded by the files'
+real sizes), and `TunedModel.attach` undoes itself on any later error.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from torch import nn
 
-from ..errors import AdapterFileError
-from .files import FORMATS, INDEX, detect
-from .files.checked import read_json
+from ..errors import AdapterFileError, BaseMismatchError
+from .atomic import existing
+from .files import FORMATS, INDEX, detect, read_index
 from .tuned import TunedModel
 
 
@@ -32,7 +32,7 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
         AdapterFileError: missing, truncated or corrupted files, an unknown format version, or an
             adapter that does not fit the model. The model is left untouched.
     """
-    folder = Path(path)
+    folder = existing(path)  # a save killed between its two renames (no renameat2) left the old copy aside
     if not folder.is_dir():
         raise AdapterFileError(f"adapter folder {folder} does not exist.")
     found = detect(folder)
@@ -40,9 +40,14 @@ def load(model: nn.Module, path: str | os.PathLike, *, name: str | None = None, 
         raw = model.model if isinstance(model, TunedModel) else model
         config, state, saved_name = found.read(raw, folder, check_base)
         tuned = model if isinstance(model, TunedModel) else TunedModel(model)
-        return tuned.attach(config, name or saved_name or "default", trainable=trainable, state=state)
-    if (folder / INDEX).is_file():
-        names = read_json(folder / INDEX).get("adapters", [])
+        try:
+            return tuned.attach(config, name or saved_name or "default", trainable=trainable, state=state)
+        except BaseMismatchError:
+            raise
+        except AdapterFileError as err:  # the tensors do not fit what the config builds: name the file
+            raise AdapterFileError(f"{folder / found.files[0]}: {err} If not, {AdapterFileError.remedy}.") from None
+    if os.path.lexists(folder / INDEX):
+        names = read_index(folder)
         chosen = [adapter] if adapter is not None else names
         missing = [n for n in chosen if n not in names]
         if missing:

@@ -28,6 +28,7 @@ from ..errors import (
 )
 from . import files, registry
 from .config import MethodConfig
+from .files.checked import fits_dtype
 from .forms.select import TrainableCopy
 from .host import Host, SiteContext
 from .linear import dense_copy, is_quantized
@@ -542,7 +543,12 @@ class TunedModel(nn.Module):
         missing = sorted(set(expected) - set(state))
         extra = sorted(set(state) - set(expected))
         wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-        if missing or extra or wrong:
+        dtypes = {}
+        for prefix, delta in self.deltas(name):
+            with contextlib.suppress(AdapterStateError):  # masks not scored yet: the file brings them
+                dtypes.update({f"{prefix}.{k}": v.dtype for k, v in delta.export_state().items()})
+        odd = sorted(k for k in set(dtypes) & set(state) if not fits_dtype(state[k].dtype, dtypes[k]))
+        if missing or extra or wrong or odd:
             parts = []
             if missing:
                 parts.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
@@ -551,6 +557,9 @@ class TunedModel(nn.Module):
             if wrong:
                 k = wrong[0]
                 parts.append(f"{len(wrong)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model {expected[k]}")
+            if odd:
+                k = odd[0]
+                parts.append(f"{len(odd)} dtype mismatch(es), e.g. {k}: file {state[k].dtype} vs model {dtypes[k]}")
             raise AdapterFileError("adapter tensors do not fit this model: " + "; ".join(parts)
                                    + ". Was it saved for a different model or config?")
         for prefix, delta in self.deltas(name):

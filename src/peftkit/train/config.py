@@ -66,7 +66,10 @@ class TrainConfig:
     weight_decay: float = _field(0.0, "AdamW weight decay of the trained parameters")
     schedule: str = _field("linear", "learning-rate schedule after warmup", choices=SCHEDULES)
     warmup: float = _field(0.06, "warmup: a fraction of the steps (< 1) or a number of steps")
-    max_grad_norm: float = _field(1.0, "gradient clipping by global norm (0: off)")
+    max_grad_norm: float = _field(1.0, "clip the gradients' global norm to this (0: off). On at 1.0 by default, as "
+                                       "in Hugging Face's Trainer and most fine-tuning recipes: it bounds how far one "
+                                       "outlier batch can move the weights. A NaN or infinite loss or gradient stops "
+                                       "the run either way, keeping the last checkpoint")
     batch_size: int | None = _field(None, "examples per process per micro-batch [32 classification, 8 otherwise]")
     grad_accum: int = _field(1, "micro-batches per optimizer step")
     max_length: int | None = _field(None, "tokens per example [128 classification, 256 otherwise]")

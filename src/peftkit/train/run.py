@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..core import registry
-from ..core.atomic import write_json
+from ..core.atomic import existing, write_json
 from ..core.files import detect
 from ..core.registry import config as method_config
 from ..core.tuned import attach
@@ -155,7 +155,8 @@ def _guard_out(job: Job, resume: Path | None) -> None:
     finished one (its adapter would be replaced), unless told to with ``overwrite``."""
     if resume is not None or job.cfg.overwrite:
         return
-    out, folder = job.out, job.out / "checkpoint"
+    out = job.out
+    folder = existing(out / "checkpoint")  # or the complete copy a killed checkpoint write left aside
     if (folder / STATE).is_file():
         try:
             doc = read(folder)

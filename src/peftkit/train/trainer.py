@@ -57,6 +57,15 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
+class Diverged(PeftkitError, ArithmeticError):
+    """The loss, the gradients or the weights became NaN or infinite at optimizer step `step`
+    (1-based). Nothing from that step was saved; the last checkpoint is kept."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -159,6 +168,7 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "best": None, "bad_evals": 0, "history": [], "elapsed": 0.0,
                                       "finished": False, "stopped_early": False}
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.last_checkpoint: tuple[Path, int] | None = None  # (folder, step) last written or resumed from
         self.pool = pool_batches(data.train.per_token)
         self.trim_logits = trims_logits(tuned, data.train)
         if n < self.pieces:
@@ -185,6 +195,7 @@ class Trainer:
                      "batch_in_epoch": self.state["step"] % self.steps_per_epoch,
                      "run": {"config": self.cfg.to_dict()}}  # `--resume FOLDER` restores these settings
             ckpt.save(folder, self.tuned, self.adapter, self.optimizer, state, controllers)
+        self.last_checkpoint = (folder, self.state["step"])
         barrier(self.dist)
         return folder
 
@@ -206,6 +217,7 @@ class Trainer:
                 ctl.load_state_dict(state)
         for key in ("step", "best", "bad_evals", "history", "elapsed", "stopped_early"):
             self.state[key] = doc.get(key, self.state[key])
+        self.last_checkpoint = (folder, self.state["step"])
 
     # -- batches ----------------------------------------------------------------------------------
     def _batch(self, step: int) -> list[int]:
@@ -244,14 +256,37 @@ class Trainer:
             loss_sum += float(out.loss.detach()) * share
             tokens += int(inputs["attention_mask"].sum())
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        else:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        if self._any_process(not (math.isfinite(loss_sum) and math.isfinite(norm))):  # before the update: weights stay good
+            what = f"loss became {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm became {norm}"
+            raise Diverged(self._diverged(step, what), step + 1)
         factor = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.schedule)
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
             group["lr"] = peak * factor
         self.optimizer.step()
+        finite = bool(torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all())
+        if self._any_process(not finite):  # an update too large for the dtype: never saved
+            raise Diverged(self._diverged(step, "weights became NaN or infinite after the update"), step + 1)
         self.tuned.update(step)
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, tokens * self.dist.world
+
+    def _any_process(self, flag: bool) -> bool:
+        """`flag` from every process: true when it is true on any (all stop at the same step)."""
+        if not self.dist.enabled:
+            return flag
+        return bool(all_sum(self.dist, torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+    def _diverged(self, step: int, what: str) -> str:
+        kept = "no checkpoint had been written yet"
+        if self.last_checkpoint is not None:
+            folder, at = self.last_checkpoint
+            kept = f"the last checkpoint ({folder}, step {at}) is kept and --resume continues from it"
+        clip = "" if self.cfg.max_grad_norm else ", turn gradient clipping back on (--max-grad-norm 1.0)"
+        return (f"training diverged at step {step + 1}: the {what}. Nothing from this step was applied or saved; "
+                f"{kept}. Lower --lr (now {self.cfg.lr:g}){clip}, or check the data for broken examples.")
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, enc: Encoded | None = None) -> dict[str, float]:
@@ -299,11 +334,7 @@ class Trainer:
         window_tokens, window_t = 0, time.perf_counter()
         with _stop_signals(flag):
             for step in range(start, end):
-                loss, tokens = self._step(step)
-                if not math.isfinite(loss):
-                    raise PeftkitError(f"the training loss became {loss} at step {step + 1}; lower --lr (now "
-                                       f"{cfg.lr:g}) or --max-grad-norm, or check the data. The last checkpoint "
-                                       "is kept.")
+                loss, tokens = self._step(step)  # raises Diverged, saving nothing, on NaN / inf
                 self.state["step"] = step + 1
                 self.state["elapsed"] = elapsed0 + time.perf_counter() - t0
                 window_tokens += tokens

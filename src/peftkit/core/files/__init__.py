@@ -20,6 +20,7 @@ from torch import nn
 from ...errors import AdapterFileError
 from ..atomic import atomic_folder, write_json
 from . import hf_format, peftkit_format
+from .checked import read_json
 
 INDEX = "adapters.json"
 
@@ -44,7 +45,31 @@ _OURS = {INDEX, "README.md", hf_format.HF_WEIGHTS_BIN, *(n for f in FORMATS.valu
 
 def detect(folder: Path) -> FileFormat | None:
     """The format of the adapter in `folder` (None: not a single adapter; see `INDEX`)."""
-    return next((f for f in FORMATS.values() if (folder / f.marker).is_file()), None)
+    return next((f for f in FORMATS.values() if os.path.lexists(folder / f.marker)), None)
+
+
+def read_index(folder: Path) -> list[str]:
+    """The adapter names in `folder`'s ``adapters.json``, each checked to be a plain name whose
+    sub-folder is really in `folder` (not a link out of it, not a path) and holds one adapter."""
+    path = folder / INDEX
+    names = read_json(path).get("adapters")
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise AdapterFileError(f"{path} has no list of adapter names; the folder is damaged: {AdapterFileError.remedy}.")
+    bad = next((n for n in names if not peftkit_format.ADAPTER_NAME.match(n)), None)
+    if bad is not None:
+        raise AdapterFileError(f"{path} names adapter {bad[:80]!r}: names are letters, digits, '_' and '-', not "
+                               f"paths, so the folder is damaged or was not written by peftkit: {AdapterFileError.remedy}.")
+    if len(set(names)) != len(names):
+        raise AdapterFileError(f"{path} names an adapter twice; the folder is damaged: {AdapterFileError.remedy}.")
+    real = folder.resolve()
+    for name in names:
+        sub = folder / name
+        if not sub.is_dir() or sub.resolve() != real / name:
+            raise AdapterFileError(f"{sub} is {'a link' if sub.is_symlink() else 'not a folder'}; each adapter of "
+                                   f"{path} must be a folder inside {folder}: {AdapterFileError.remedy}.")
+        if detect(sub) is None:
+            raise AdapterFileError(f"{sub} holds no single adapter; the folder is damaged: {AdapterFileError.remedy}.")
+    return names
 
 
 def _check_replaceable(target: Path) -> None:

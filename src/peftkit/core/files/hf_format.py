@@ -7,6 +7,8 @@ copies (PEFT's ``modules_to_save``, stored under the module's own parameter name
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,16 @@ from .. import registry
 from ..atomic import atomic_file, write_json
 from ..protocol import COPY_SLOT
 from ..targets import iter_sites, matches
-from .checked import read_json, read_tensors
+from .checked import FLOATING, finite, metadata, read_json, read_tensors, tensors_sha256
 
 NAME = "hf-peft"
 HF_CONFIG = "adapter_config.json"
 HF_WEIGHTS = "adapter_model.safetensors"
 HF_WEIGHTS_BIN = "adapter_model.bin"
+CHECKSUM = "peftkit_sha256"  # in the weights' metadata: PEFT ignores it, peftkit checks it (`tensors_sha256`)
+# configuration fields that ask a loader to import classes or run code from elsewhere (``auto_mapping``, which
+# PEFT writes for every model, is refused only when it names something outside transformers)
+REMOTE_CODE_FIELDS = ("auto_map", "trust_remote_code", "base_model_class", "parent_library", "custom_code")
 Tensors = dict[str, torch.Tensor]
 _TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
@@ -71,19 +77,54 @@ def write(tuned: Any, name: str, folder: Path) -> None:
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_file(folder / HF_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt", CHECKSUM: tensors_sha256(tensors)})
     write_json(folder / HF_CONFIG, hf_config, sort_keys=True)
 
 
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    if (folder / HF_WEIGHTS).is_file():
-        return read_tensors(folder / HF_WEIGHTS)
-    if (folder / HF_WEIGHTS_BIN).is_file():
-        try:  # interop only: PEFT's legacy pickle format, loaded without executing code
-            return torch.load(folder / HF_WEIGHTS_BIN, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise AdapterFileError(f"{folder / HF_WEIGHTS_BIN} could not be read safely: {err}") from None
-    raise AdapterFileError(f"{folder} has {HF_CONFIG} but no {HF_WEIGHTS}; the adapter folder is incomplete.")
+    """The tensors of ``adapter_model.safetensors``: floats only, finite, and matching the checksum
+    peftkit records in the file's metadata when it wrote the file. A pickle (``adapter_model.bin``)
+    is refused unopened: unpickling can run code."""
+    weights = folder / HF_WEIGHTS
+    if not os.path.lexists(weights) and os.path.lexists(folder / HF_WEIGHTS_BIN):
+        raise AdapterFileError(
+            f"{folder / HF_WEIGHTS_BIN} is a pickle file, which can run code when it is read, so peftkit does not "
+            "open it. If you trust it, convert it with PEFT: PeftModel.from_pretrained(base_model, "
+            f"'{folder}').save_pretrained('<new folder>', safe_serialization=True), then load the new folder.")
+    if not os.path.lexists(weights):
+        raise AdapterFileError(f"{folder} has {HF_CONFIG} but no {HF_WEIGHTS}; the adapter folder is incomplete: "
+                               f"{AdapterFileError.remedy}.")
+    tensors = read_tensors(weights, dtypes=FLOATING)
+    recorded = metadata(weights).get(CHECKSUM)
+    if recorded is not None and recorded != tensors_sha256(tensors):
+        raise AdapterFileError(f"{weights} does not match the SHA-256 recorded when peftkit wrote it: the file is "
+                               f"corrupted: {AdapterFileError.remedy}.")
+    finite(tensors, weights)
+    return tensors
+
+
+def _names_outside_transformers(mapping: Any) -> bool:
+    """Whether a PEFT ``auto_mapping`` names anything but a transformers class. PEFT writes one for
+    every transformers model (``{"base_model_class": "LlamaForCausalLM", "parent_library":
+    "transformers.models.llama.modeling_llama"}``); peftkit never imports it either way."""
+    if not isinstance(mapping, dict):
+        return True
+    library, cls = mapping.get("parent_library"), mapping.get("base_model_class")
+    return (set(mapping) - {"base_model_class", "parent_library"} != set() or not isinstance(library, str)
+            or not library.startswith("transformers.") or not (isinstance(cls, str) and cls.isidentifier()))
+
+
+def _refuse_remote_code(hf: dict[str, Any], path: Path) -> None:
+    """Refuse a config that asks for code from elsewhere (remote code, a class outside transformers):
+    peftkit never imports or runs anything a file names, and says so instead of silently ignoring it."""
+    asks = [k for k in REMOTE_CODE_FIELDS if hf.get(k) not in (None, False, "", {}, [])]
+    if hf.get("auto_mapping") is not None and _names_outside_transformers(hf["auto_mapping"]):
+        asks.insert(0, "auto_mapping")
+    if asks:
+        raise AdapterFileError(
+            f"{path} asks for code to be imported ({asks[0]}: {json.dumps(hf[asks[0]])[:100]}); peftkit never imports "
+            "or runs code named by a file. Load the adapter onto a base model you built yourself, after setting "
+            f"{asks[0]} to null in the file if you trust it.")
 
 
 def _take_copies(hf: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module, prefix: str
@@ -106,17 +147,25 @@ def read(model: nn.Module, folder: Path, check_base: bool) -> tuple[Any, Tensors
     """(config, tensors in peftkit's keys, None) of the PEFT adapter in `folder`, for `model` (a
     plain model). PEFT files carry no fingerprint of their base, so `check_base` has nothing to check."""
     hf = read_json(folder / HF_CONFIG)
-    if "peft_type" not in hf:
-        raise AdapterFileError(f"{folder / HF_CONFIG} has no 'peft_type'; it is not a PEFT adapter config.")
+    _refuse_remote_code(hf, folder / HF_CONFIG)
+    peft_type = hf.get("peft_type")
+    if not isinstance(peft_type, str):
+        raise AdapterFileError(f"{folder / HF_CONFIG} has no 'peft_type' name, so it is not a PEFT adapter config: "
+                               f"{AdapterFileError.remedy}.")
+    copies = hf.get("modules_to_save")
+    if copies is not None and not (isinstance(copies, list) and all(isinstance(c, str) for c in copies)):
+        raise AdapterFileError(f"{folder / HF_CONFIG}: 'modules_to_save' is not a list of module names: "
+                               f"{AdapterFileError.remedy}.")
     try:
-        spec = registry.by_peft_type(hf["peft_type"])
+        spec = registry.by_peft_type(peft_type)
     except ConfigError as err:
-        raise AdapterFileError(str(err)) from None
+        raise AdapterFileError(f"{folder / HF_CONFIG}: {err} Load it with PEFT itself.") from None
     tensors = _read_hf_tensors(folder)
     copy_sites, copy_state = _take_copies(hf, tensors, model, spec.hf.module_prefix)
     try:
         config, state = spec.hf.from_hf(hf, tensors, model)
         config = config.replace(trainable_modules=copy_sites or None)
-    except PeftkitError as err:
-        raise AdapterFileError(f"cannot read PEFT adapter {folder}: {err}") from None
+    except (PeftkitError, LookupError, TypeError, ValueError) as err:  # the codec read a malformed option
+        raise AdapterFileError(f"cannot read PEFT adapter {folder / HF_CONFIG}: {err} ({AdapterFileError.remedy})"
+                               ) from None
     return config, {**state, **copy_state}, None
