@@ -211,7 +211,8 @@ def world(tmp_path_factory, bert_dir, llama_dir) -> dict:
     shutil.copytree(cls_run, w["unfinished"])
     state_file = w["unfinished"] / "checkpoint" / "trainer.json"
     state = json.loads(state_file.read_text())
-    state.update(finished=False, step=1, total_steps=3)
+    state.update(finished=False, step=1, total_steps=3, version=1)  # version 1: no checksum over the edit
+    state.pop("sha256", None)
     state_file.write_text(json.dumps(state))
     (root / "cwd").mkdir()
     return w
