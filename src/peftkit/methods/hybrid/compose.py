@@ -36,7 +36,7 @@ from ...core.registry import Attachment, MethodSpec, register
 from ...core.registry import config as make_config
 from ...core.registry import get as get_spec
 from ...core.targets import base_at
-from ...errors import ConfigError, PeftkitError
+from ...errors import ConfigError, PeftkitError, shown
 from .gate import GATEABLE, GatedDelta
 
 
@@ -66,7 +66,7 @@ class ComposeConfig(MethodConfig):
         if not isinstance(gates, bool):
             yield from check(isinstance(gates, tuple) and len(gates) == len(self.parts)
                              and all(isinstance(g, bool) for g in gates),
-                             f"gates must be true/false or one bool per part ({len(self.parts)}), got {gates!r}")
+                             f"gates must be true/false or one bool per part ({len(self.parts)}), got {shown(gates)}")
 
     def gate_flags(self) -> tuple[bool, ...]:
         return (self.gates,) * len(self.parts) if isinstance(self.gates, bool) else tuple(self.gates)

@@ -26,13 +26,13 @@ from typing import Any
 from torch import nn
 
 from ...core import registry
-from ...core.config import MethodConfig
+from ...core.config import MethodConfig, flag, one_of
 from ...core.linear import is_quantized
 from ...core.registry import Attachment, HfCodec, MethodSpec, register
 from ...core.targets import Spec, base_at
 from ...errors import ConfigError
-from ...quant import QuantSpec, quantize
-from ...quant.spec import parse_dtype
+from ...quant import quantize
+from ...quant.spec import BACKENDS, BLOCKSIZES, SCHEMES, parse_dtype
 from .lora import LoraConfig
 
 _QUANT_FIELDS = ("quant_type", "double_quant", "blocksize", "compute_dtype", "backend")
@@ -52,11 +52,14 @@ class QLoraConfig(LoraConfig):
 
     def problems(self):
         yield from super().problems()
+        yield from one_of("quant_type", self.quant_type, SCHEMES)
+        yield from flag("double_quant", self.double_quant)
+        yield from one_of("blocksize", self.blocksize, BLOCKSIZES)
+        yield from one_of("backend", self.backend, BACKENDS)
         try:
-            QuantSpec(self.quant_type, self.double_quant, self.blocksize, self.backend)
             parse_dtype(self.compute_dtype)
         except ConfigError as err:
-            yield str(err).removeprefix("invalid quantization options: ").rstrip(".")
+            yield str(err).rstrip(".")
 
     def quantization(self) -> dict[str, Any]:
         """Keyword arguments of `peftkit.quantize` for this recipe's base."""
