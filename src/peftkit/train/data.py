@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from . import assets
 from .cache import tokenize_cached
 from .config import TrainConfig
-from .files import DataError, pick_field, read_records
+from .files import DataError, exists, pick_field, read_records
 
 IGNORE = -100
 SPLIT_SALT = "peftkit-split-v1"
@@ -31,6 +32,7 @@ LABEL_FIELDS = ("label", "labels", "category", "class", "target")
 PROMPT_FIELDS = ("prompt", "instruction", "question", "input")
 RESPONSE_FIELDS = ("response", "output", "answer", "completion")
 FALLBACK_TEMPLATE = "### Prompt:\n{prompt}\n\n### Response:\n"
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit() also takes '²', which int() refuses
 
 
 @dataclass
@@ -111,7 +113,7 @@ def load_source(spec: str, fields: dict[str, str | None]) -> Source:
             pick_field(ds.records, f"dataset {spec!r}", role, name, ())
         return Source(spec, ds.task, ds.records, merged, ds.split, ds.label_names)
     path = Path(spec).expanduser()
-    if not path.exists() and not path.suffix and "/" not in spec:
+    if not exists(path) and not path.suffix and "/" not in spec:
         assets.dataset(spec)  # a bare word that is neither a file nor an embedded name: say which names exist
     return Source(spec, None, read_records(path), {k: v for k, v in fields.items() if v is not None}, None)
 
@@ -133,8 +135,11 @@ def _as_int(value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        try:
+            return int(value.strip())
+        except ValueError:  # more digits than Python converts
+            return None
     return None
 
 
