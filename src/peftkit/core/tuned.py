@@ -93,6 +93,7 @@ class TunedModel(nn.Module):
         self._configs: dict[str, MethodConfig] = {}
         self._sites: dict[str, list[str]] = {}
         self._controllers: dict[str, Controller] = {}
+        self._undo: list[Callable[[], None]] | None = None  # what base preparations to revert, inside _all_or_nothing
         self.requantization_errors: dict[str, float] = {}  # site -> max |ΔW| of the last merge, quantized sites
 
     def __getattr__(self, name: str) -> Any:
@@ -154,24 +155,35 @@ class TunedModel(nn.Module):
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
         """Undo on error what the block did: adapters it added are deleted, and the trainable flags
-        and the active adapters are restored (a failed load or attach leaves the model as it was)."""
+        and the active adapters are restored, and base preparations (a method's ``prepare``, e.g.
+        qlora quantizing the base) are reverted: a failed load or attach leaves the model as it was."""
         flags = {id(p): p.requires_grad for p in self.parameters()}
         adapters, active, weights = self.adapters, self.context.active, dict(self.context.weights)
+        outermost = self._undo is None
+        if outermost:
+            self._undo = []
+        mark = len(self._undo)
         try:
             yield
         except BaseException:
             for name in [n for n in self.adapters if n not in adapters]:
                 self.delete(name)
+            while len(self._undo) > mark:
+                self._undo.pop()()
             for p in self.parameters():
                 if id(p) in flags:
                     p.requires_grad_(flags[id(p)])
             self.context.active, self.context.weights = active, weights
             raise
+        finally:
+            if outermost:
+                self._undo = None
 
     def _install(self, config: MethodConfig, name: str) -> None:
         spec = registry.get(config.method)
-        if spec.prepare is not None:
-            spec.prepare(self.model, config)
+        undo = spec.prepare(self.model, config) if spec.prepare is not None else None
+        if undo is not None and self._undo is not None:
+            self._undo.append(undo)
         attachment = spec.build(self.model, config)
         for site in self._trainable_module_sites(config):
             attachment.add(site, COPY_SLOT, TrainableCopy(base_at(self.model, site)))

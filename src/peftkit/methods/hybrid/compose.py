@@ -23,7 +23,7 @@ the parts' base preparations (``qlora`` quantizes the base before anything is bu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,12 +121,25 @@ def build(model: nn.Module, config: ComposeConfig) -> Attachment:
     return attachment
 
 
-def prepare(model: nn.Module, config: ComposeConfig) -> None:
-    """Run each part's base preparation (e.g. ``qlora`` quantizing the base) before any part builds."""
-    for part in config.parts:
-        spec = get_spec(part.method)
-        if spec.prepare is not None:
-            spec.prepare(model, part)
+def prepare(model: nn.Module, config: ComposeConfig) -> Callable[[], None]:
+    """Run each part's base preparation (e.g. ``qlora`` quantizing the base) before any part builds;
+    returns what reverts them all (a failing part reverts those before it here)."""
+    undos = []
+
+    def revert() -> None:
+        for undo in reversed(undos):
+            undo()
+
+    try:
+        for part in config.parts:
+            spec = get_spec(part.method)
+            undo = spec.prepare(model, part) if spec.prepare is not None else None
+            if undo is not None:
+                undos.append(undo)
+    except BaseException:
+        revert()
+        raise
+    return revert
 
 
 class CompositeController(Controller):

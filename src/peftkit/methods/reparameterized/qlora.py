@@ -13,13 +13,16 @@ Defaults: r=8, alpha=16, dropout=0; nf4, double_quant=True, blocksize=64, comput
 How the base gets quantized: the method's ``prepare`` step, which ``peftkit.attach`` (and so
 ``peftkit.load`` and ``--method qlora``) runs before ``build``; ``build`` itself never changes
 the model. Layers that are already quantized are left as they are, so ``peftkit.quantize(model,
-...)`` or ``peftkit.quant.load_quantized(...)`` beforehand (lower peak memory) works too.
+...)`` or ``peftkit.quant.load_quantized(...)`` beforehand works too, and keeps peak memory lower:
+until ``attach`` returns, the full-precision layers it replaced stay in memory, so that a failed
+attach can put them back.
 Saved adapters are LoRA adapters plus these options; in the Hugging Face PEFT format a qlora
 adapter is a ``LORA`` adapter (PEFT keeps quantization in the model, not the adapter).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +34,7 @@ from ...core.linear import is_quantized
 from ...core.registry import Attachment, HfCodec, MethodSpec, register
 from ...core.targets import Spec, base_at
 from ...errors import ConfigError
-from ...quant import quantize
+from ...quant.apply import quantize_revertibly
 from ...quant.spec import BACKENDS, BLOCKSIZES, SCHEMES, parse_dtype
 from .lora import LoraConfig
 
@@ -71,8 +74,9 @@ class QLoraConfig(LoraConfig):
         return registry.config("lora", **options)
 
 
-def prepare(model: nn.Module, config: QLoraConfig) -> None:
-    quantize(model, **config.quantization())  # layers quantized already are left as they are
+def prepare(model: nn.Module, config: QLoraConfig) -> Callable[[], None]:
+    # layers quantized already are left as they are; a failed attach puts the full-precision ones back
+    return quantize_revertibly(model, **config.quantization())
 
 
 def build(model: nn.Module, config: QLoraConfig) -> Attachment:

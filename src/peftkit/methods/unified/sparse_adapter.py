@@ -26,7 +26,7 @@ run or save. Note that weight-based scores give zero to zero-initialised tensors
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,11 +164,10 @@ def _loss(tuned: Any, batch: dict[str, Any], loss_fn: Any) -> torch.Tensor:
     return loss
 
 
-def prepare(model: nn.Module, config: SparseAdapterConfig) -> None:
-    """The base method's own base preparation, if any (e.g. ``qlora`` quantizing the base)."""
+def prepare(model: nn.Module, config: SparseAdapterConfig) -> Callable[[], None] | None:
+    """The base method's own base preparation, if any (e.g. ``qlora`` quantizing the base), and its undo."""
     spec = registry.get(config.base)
-    if spec.prepare is not None:
-        spec.prepare(model, config.base_config())
+    return spec.prepare(model, config.base_config()) if spec.prepare is not None else None
 
 
 class SparseController(Controller):
