@@ -25,6 +25,7 @@ from ..errors import (
     ConfigError,
     NotMergeableError,
     QuantizedMergeWarning,
+    TargetError,
 )
 from . import files, registry
 from .config import MethodConfig
@@ -185,7 +186,7 @@ class TunedModel(nn.Module):
         if undo is not None and self._undo is not None:
             self._undo.append(undo)
         attachment = spec.build(self.model, config)
-        for site in self._trainable_module_sites(config):
+        for site in self._trainable_module_sites(config, list(attachment.sites)):
             attachment.add(site, COPY_SLOT, TrainableCopy(base_at(self.model, site)))
         self._configs[name] = config
         self._sites[name] = list(attachment.sites)
@@ -196,11 +197,19 @@ class TunedModel(nn.Module):
         if attachment.model_deltas:
             self.model_deltas[name] = nn.ModuleDict(attachment.model_deltas)
 
-    def _trainable_module_sites(self, config: MethodConfig) -> list[str]:
+    def _trainable_module_sites(self, config: MethodConfig, adapted: list[str]) -> list[str]:
+        """The modules `config.trainable_modules` names; none may hold another, or a site in `adapted`."""
         spec = config.trainable_modules
         if spec == "auto":
             return head_names(self.model)
-        return select(self.model, spec) if spec else []
+        sites = select(self.model, spec) if spec else []
+        for site in sites:
+            inner = next((s for s in [*sites, *adapted] if s.startswith(site + ".") or site.startswith(s + ".")), None)
+            if inner is not None:
+                what = "also trained whole" if inner in sites else "where the adapter goes"
+                raise TargetError(f"trainable_modules selects {site!r} and {inner!r} ({what}), one inside the other; "
+                                  "a module is trained whole or adapted, once: name modules that do not contain each other.")
+        return sites
 
     def _host_at(self, site: str) -> Host:
         module = get_site(self.model, site)
