@@ -145,11 +145,12 @@ CELL_VALUES = [None, "", " ", "0", "1", "-1", "--5", "²", "٣", "1.5", "nan", "
                "x" * 200_000, True, False, 0, 1, -1, 2**70, 1.5, math.nan, [], [1], {}, {"a": 1}]
 cells = st.one_of(st.sampled_from(CELL_VALUES), st.text(max_size=8), st.integers(), st.floats())
 LABELS = st.one_of(st.sampled_from(["0", "1", "pos", "neg", 0, 1, 2, -1, 1.0, True]), cells)
-row = st.one_of(
-    st.dictionaries(st.sampled_from([n for n in FIELD_NAMES if n is not None]), cells, max_size=3),
-    st.fixed_dictionaries({"text": cells, "label": LABELS}, optional={"prompt": cells, "response": cells}),
+records = st.one_of(  # rows of a classification file (with extra fields), or of anything
+    st.lists(st.fixed_dictionaries({"text": cells, "label": LABELS}, optional={"prompt": cells, "response": cells}),
+             max_size=5),
+    st.lists(st.dictionaries(st.sampled_from([n for n in FIELD_NAMES if n is not None]), cells, max_size=3),
+             max_size=5),
 )
-records = st.lists(row, max_size=5)
 
 
 # -- did anything change? -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import yaml
 from garbage import (
     CELL_VALUES,
     FIELD_NAMES,
+    LABELS,
     Fingerprint,
     garbage,
     layer_specs,
@@ -319,8 +320,9 @@ def test_data_files_read_or_refuse(tmp_path_factory, file) -> None:
 
 
 @fixed(200)
-@given(values=st.lists(st.one_of(st.sampled_from(CELL_VALUES), garbage), min_size=1, max_size=5),
-       names=st.none() | st.lists(st.text(max_size=3), min_size=1, max_size=3, unique=True))
+@given(values=st.lists(st.one_of(LABELS, st.sampled_from(CELL_VALUES), garbage), min_size=1, max_size=5),
+       names=half_none(st.lists(st.sampled_from(["0", "1", "pos", "neg", "", "1.0"]) | st.text(max_size=3),
+                                min_size=1, max_size=3, unique=True)))
 def test_labels_become_ids_or_a_data_error(values, names) -> None:
     try:
         ids, out_names = label_ids(values, "data.csv", names)
