@@ -131,10 +131,12 @@ OPTION_PIECES = ["r=8", "alpha=16", "targets=[query,value]", "k=", "=v", "=", ",
                  '"', "!!python/object/apply:os.system ['echo pwned']", "!!python/name:os.system", "&a", "*a",
                  "!!binary", "- x", ": ", "? ", "|", ">", "%TAG", "---", "...", "#", "@", "`", "\t", "\n", "\x00",
                  "\x85", "\ufeff", "layers=-2:", "layers=0-3,5", "dropout=.nan", "r=.inf", "r=1e999", "r=0x10",
-                 "r=0o7", "r=1_000", "when=2001-01-01", "r=" + "9" * 5000, "x=" + "[" * 200, "y=" + "{a: " * 60,
+                 "r=0o7", "r=1_000", "when=2001-01-01", "when=2001-13-45", "r=" + "9" * 5000, "x=" + "[" * 200,
+                 "x=" + "[" * 1000 + "]" * 1000, "x=&a [*a]", "x={a: &b [*b]}", "y=" + "{a: " * 60,
                  "method=lora", "targets=re:.*", "yes", "no", "on", "~", "null"]
 option_strings = st.one_of(
     st.text(max_size=60),
+    st.sampled_from(OPTION_PIECES),
     st.lists(st.one_of(st.sampled_from(OPTION_PIECES), st.text(max_size=6)), max_size=8).map("".join),
     st.lists(st.builds(lambda k, v: f"{k}={v}", st.sampled_from(["r", "alpha", "targets", "layers", "dropout", "x"]),
                        st.one_of(st.sampled_from(OPTION_PIECES), st.text(max_size=8))), max_size=4).map(",".join),
