@@ -90,7 +90,7 @@ BAD = [
     row("train config missing", [*T, "--config", "{missing}.yaml"], r"config file .* does not exist"),
     row("train config not YAML", [*T, "--config", "{bad_yaml}"], r"not valid YAML \(line \d+, column \d+\)"),
     row("train config key of another trainer", [*T, "--config", "{alias_yaml}"], r"'learning_rate'.*Did you mean: lr"),
-    row("train config value of the wrong type", [*T, "--config", "{null_yaml}"], r"eval_fraction must be in"),
+    row("train config value of the wrong type", [*T, "--config", "{null_yaml}"], r"eval_fraction needs a value \(a number\)"),
     # -- train: resume
     row("train resume from nowhere", [*T, "--resume", "{missing}"], r"holds no checkpoint; --resume takes a run"),
     row("train bare resume without a checkpoint", [*T, "--resume"], r"no checkpoint in .*checkpoint"),

@@ -59,6 +59,15 @@ class QuantizedMergeWarning(UserWarning):
     """Merging into a quantized base re-quantized it: outputs moved by the quantization error."""
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """`value`'s repr for a message, cut to `limit` characters; never raises."""
+    try:
+        text = repr(value)
+    except Exception:  # an int past Python's 4300-digit limit, or a user object whose repr fails
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def closest(word: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """The candidates nearest to `word` (difflib ratio), best first."""
     pool = list(dict.fromkeys(candidates))

@@ -78,10 +78,11 @@ class MethodSpec:
     hf: HfCodec | None = None
     identity_at_init: bool = False  # the contract suite checks base outputs are reproduced exactly
     controller: Callable[[Any], Controller] | None = None  # config -> Controller, for training-time logic
-    # (model, config) -> None: brings the *base* into the form the method needs before `build` runs
-    # (e.g. a recipe that quantizes it). Runs on every attach, so it must be idempotent; `build`
-    # itself never changes the model.
-    prepare: Callable[[nn.Module, Any], None] | None = None
+    # (model, config) -> undo: brings the *base* into the form the method needs before `build` runs
+    # (e.g. a recipe that quantizes it) and returns what puts it back (None: nothing changed), which a
+    # failed attach calls. Runs on every attach, so it must be idempotent; `build` itself never
+    # changes the model.
+    prepare: Callable[[nn.Module, Any], Callable[[], None] | None] | None = None
     # The method's recommended training settings, read by trainers (`peftkit.train.recipes`): keys of
     # `Recipe` (lr, head_lr, options, base_dropout, probe_head). The engine never reads it.
     recipe: Mapping[str, Any] | None = None

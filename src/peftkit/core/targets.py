@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
-from ..errors import TargetError, closest
+from ..errors import TargetError, closest, shown
 from .host import Host
 from .linear import is_linear
 
@@ -29,6 +29,8 @@ LayerSpec = int | str | Sequence[int] | None
 
 ALL_LINEAR = "all-linear"
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+_INT = re.compile(r"-?[0-9]+")
+_RANGE = re.compile(r"(-?[0-9]+)(?:-(-?[0-9]+))?")
 
 
 def iter_sites(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
@@ -86,6 +88,57 @@ def output_head_names(model: nn.Module) -> list[str]:
     return [name for name, module in iter_sites(model) if module is out]
 
 
+def _unreadable(spec: object) -> TargetError:
+    return TargetError(f"cannot read layers={shown(spec)}; use an int, a list of ints, '0-3,5' or a slice "
+                       "like '-2:'.")
+
+
+def _int(text: str, spec: object) -> int:
+    if not _INT.fullmatch(text):
+        raise _unreadable(spec)
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts
+        raise _unreadable(spec) from None
+
+
+def read_layers(spec: LayerSpec) -> list[range] | slice:
+    """The layer indices a spec names, before the model's depth is known: ranges of indices (negative
+    ones count from the end) or, for ``"-2:"``, a slice. Ranges stay unexpanded, so ``"0-10**9"``
+    costs nothing.
+
+    Raises:
+        TargetError: not an int, a list of ints, ``"0-3,5"`` or a slice like ``"-2:"``.
+    """
+    if isinstance(spec, bool) or not isinstance(spec, int | str | list | tuple):  # True is not layer 1
+        raise _unreadable(spec)
+    if isinstance(spec, int):
+        return [range(spec, spec + 1)]
+    if not isinstance(spec, str):
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            raise _unreadable(spec)
+        return [range(i, i + 1) for i in spec]
+    if ":" in spec:
+        parts = spec.split(":")
+        bounds = [_int(p.strip(), spec) if p.strip() else None for p in parts]
+        if len(parts) > 3 or bounds[2:] == [0]:
+            raise _unreadable(spec)
+        return slice(*bounds)
+    out = []
+    for chunk in filter(None, (c.strip() for c in spec.split(","))):
+        match = _RANGE.fullmatch(chunk)
+        if match is None:
+            raise _unreadable(spec)
+        lo = _int(match[1], spec)
+        hi = _int(match[2], spec) if match[2] else lo
+        if hi < lo:
+            raise TargetError(f"layers={shown(spec)}: {shown(chunk)} is an empty range; write the smaller index first.")
+        out.append(range(lo, hi + 1))
+    if not out:
+        raise _unreadable(spec)
+    return out
+
+
 def parse_layers(spec: LayerSpec, total: int) -> set[int] | None:
     """Layer indices from ``3``, ``[0, 2]``, ``"0-3,5"`` or a Python slice ``"-2:"``; negative
     indices count from the end.
@@ -95,26 +148,14 @@ def parse_layers(spec: LayerSpec, total: int) -> set[int] | None:
     """
     if spec is None:
         return None
-    try:
-        if isinstance(spec, str) and ":" in spec:
-            parts = [int(p) if p.strip() else None for p in spec.split(":")]
-            return set(range(total)[slice(*parts)])
-        if isinstance(spec, int):
-            raw = [spec]
-        elif isinstance(spec, str):
-            raw = []
-            for chunk in filter(None, (c.strip() for c in spec.split(","))):
-                lo, sep, hi = chunk[1:].partition("-") if chunk.startswith("-") else chunk.partition("-")
-                lo = chunk[0] + lo if chunk.startswith("-") else lo
-                raw.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
-        else:
-            raw = [int(i) for i in spec]
-    except (TypeError, ValueError):
-        raise TargetError(f"cannot read layers={spec!r}; use an int, a list, '0-3,5' or a slice like '-2:'.") from None
-    bad = [i for i in raw if not -total <= i < total]
+    read = read_layers(spec)
+    if isinstance(read, slice):
+        return set(range(total)[read])
+    bad = [i for r in read if r for i in dict.fromkeys((r[0], r[-1])) if not -total <= i < total]
     if bad:
-        raise TargetError(f"layers {bad} are out of range: the model has {total} layers (0..{total - 1}).")
-    return {i % total for i in raw}
+        where = f"0..{total - 1}" if total else "it has no numbered blocks"
+        raise TargetError(f"layers {shown(bad)} are out of range: the model has {total} layers ({where}).")
+    return {i % total for r in read for i in r}
 
 
 def _entry_matcher(entry: str, model: nn.Module) -> Callable[[str, nn.Module], bool]:
@@ -129,8 +170,8 @@ def _entry_matcher(entry: str, model: nn.Module) -> Callable[[str, nn.Module], b
     if entry.startswith("re:"):
         try:
             pattern = re.compile(entry[3:])
-        except re.error as err:
-            raise TargetError(f"invalid regular expression {entry!r}: {err}") from None
+        except (re.error, OverflowError, RecursionError) as err:  # bad syntax, huge repeat, deep nesting
+            raise TargetError(f"invalid regular expression {shown(entry)}: {err}") from None
         return lambda name, _m: pattern.fullmatch(name) is not None
     if entry.startswith("type:"):
         type_name = entry[5:]
@@ -144,9 +185,19 @@ def matches(entry: str, name: str, module: nn.Module | None = None, model: nn.Mo
 
 
 def as_entries(spec: Spec) -> list[str]:
+    """The entries of a spec as a list.
+
+    Raises:
+        TargetError: the spec is not a string or a list of strings.
+    """
     if spec is None:
         return []
-    return [spec] if isinstance(spec, str) else list(spec)
+    if isinstance(spec, str):
+        return [spec]
+    if isinstance(spec, list | tuple) and all(isinstance(e, str) for e in spec):
+        return list(spec)
+    raise TargetError(f"a target spec is a module name or suffix, 're:<regex>', 'type:<Class>', 'all-linear' or a "
+                      f"list of those; got {shown(spec)}.")
 
 
 def _no_match_message(entry: str, sites: list[tuple[str, nn.Module]]) -> str:
@@ -158,7 +209,7 @@ def _no_match_message(entry: str, sites: list[tuple[str, nn.Module]]) -> str:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         near = closest(entry.removeprefix("re:"), leaves) or closest(entry, names)
     hint = f" Closest module names: {', '.join(near)}." if near else ""
-    return f"target {entry!r} matches no module of the model.{hint}"
+    return f"target {shown(entry)} matches no module of the model.{hint}"
 
 
 def select(
@@ -195,7 +246,7 @@ def select(
             if not usable:
                 kinds = sorted({type(m).__name__ for _, m in hits})
                 problems.append(
-                    f"target {entry!r} matches only modules of type {', '.join(kinds)}, which this method "
+                    f"target {shown(entry)} matches only modules of type {', '.join(kinds)}, which this method "
                     f"cannot adapt (it supports {accept_label or 'other types'}); target their child layers instead."
                 )
                 continue
@@ -215,7 +266,8 @@ def select(
         chosen = {n: m for n, m in chosen.items() if layer_index(n) in wanted}
     if not chosen:
         raise TargetError(
-            f"targets {entries} select nothing after exclude={as_entries(exclude)} and layers={layers!r}; "
+            f"targets {shown(entries)} select nothing after exclude={shown(as_entries(exclude))} and "
+            f"layers={shown(layers)}; "
             "loosen the filters."
         )
     order = {n: i for i, (n, _) in enumerate(sites)}

@@ -25,6 +25,7 @@ from ..errors import (
     ConfigError,
     NotMergeableError,
     QuantizedMergeWarning,
+    TargetError,
 )
 from . import files, registry
 from .config import MethodConfig
@@ -94,6 +95,7 @@ class TunedModel(nn.Module):
         self._configs: dict[str, MethodConfig] = {}
         self._sites: dict[str, list[str]] = {}
         self._controllers: dict[str, Controller] = {}
+        self._undo: list[Callable[[], None]] | None = None  # what base preparations to revert, inside _all_or_nothing
         self.requantization_errors: dict[str, float] = {}  # site -> max |ΔW| of the last merge, quantized sites
 
     def __getattr__(self, name: str) -> Any:
@@ -155,26 +157,37 @@ class TunedModel(nn.Module):
     @contextlib.contextmanager
     def _all_or_nothing(self) -> Iterator[None]:
         """Undo on error what the block did: adapters it added are deleted, and the trainable flags
-        and the active adapters are restored (a failed load or attach leaves the model as it was)."""
+        and the active adapters are restored, and base preparations (a method's ``prepare``, e.g.
+        qlora quantizing the base) are reverted: a failed load or attach leaves the model as it was."""
         flags = {id(p): p.requires_grad for p in self.parameters()}
         adapters, active, weights = self.adapters, self.context.active, dict(self.context.weights)
+        outermost = self._undo is None
+        if outermost:
+            self._undo = []
+        mark = len(self._undo)
         try:
             yield
         except BaseException:
             for name in [n for n in self.adapters if n not in adapters]:
                 self.delete(name)
+            while len(self._undo) > mark:
+                self._undo.pop()()
             for p in self.parameters():
                 if id(p) in flags:
                     p.requires_grad_(flags[id(p)])
             self.context.active, self.context.weights = active, weights
             raise
+        finally:
+            if outermost:
+                self._undo = None
 
     def _install(self, config: MethodConfig, name: str) -> None:
         spec = registry.get(config.method)
-        if spec.prepare is not None:
-            spec.prepare(self.model, config)
+        undo = spec.prepare(self.model, config) if spec.prepare is not None else None
+        if undo is not None and self._undo is not None:
+            self._undo.append(undo)
         attachment = spec.build(self.model, config)
-        for site in self._trainable_module_sites(config):
+        for site in self._trainable_module_sites(config, list(attachment.sites)):
             attachment.add(site, COPY_SLOT, TrainableCopy(base_at(self.model, site)))
         self._configs[name] = config
         self._sites[name] = list(attachment.sites)
@@ -185,11 +198,19 @@ class TunedModel(nn.Module):
         if attachment.model_deltas:
             self.model_deltas[name] = nn.ModuleDict(attachment.model_deltas)
 
-    def _trainable_module_sites(self, config: MethodConfig) -> list[str]:
+    def _trainable_module_sites(self, config: MethodConfig, adapted: list[str]) -> list[str]:
+        """The modules `config.trainable_modules` names; none may hold another, or a site in `adapted`."""
         spec = config.trainable_modules
         if spec == "auto":
             return head_names(self.model)
-        return select(self.model, spec) if spec else []
+        sites = select(self.model, spec) if spec else []
+        for site in sites:
+            inner = next((s for s in [*sites, *adapted] if s.startswith(site + ".") or site.startswith(s + ".")), None)
+            if inner is not None:
+                what = "also trained whole" if inner in sites else "where the adapter goes"
+                raise TargetError(f"trainable_modules selects {site!r} and {inner!r} ({what}), one inside the other; "
+                                  "a module is trained whole or adapted, once: name modules that do not contain each other.")
+        return sites
 
     def _host_at(self, site: str) -> Host:
         module = get_site(self.model, site)

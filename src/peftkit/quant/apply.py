@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,27 @@ def quantize(model: nn.Module, scheme: str = "nf4", *, double_quant: bool = True
         del module
     memory.release()
     return model
+
+
+def quantize_revertibly(model: nn.Module, **options: Any) -> Callable[[], None]:
+    """`quantize` (same options), returning what puts the replaced full-precision layers back; they
+    stay in memory until that is dropped. If quantizing fails halfway, the layers done are put
+    back before the error propagates."""
+    raw = _raw(model)
+    before = {site: m for site, m in iter_sites(raw) if isinstance(m, LINEAR_TYPES)}
+
+    def revert() -> None:
+        now = dict(iter_sites(raw))
+        for site, module in before.items():
+            if now.get(site) is not module:
+                _replace(raw, site, module)
+
+    try:
+        quantize(model, **options)
+    except BaseException:
+        revert()
+        raise
+    return revert
 
 
 def base_quantization(method_config: Any = None, scheme: str | None = None) -> dict[str, Any] | None:

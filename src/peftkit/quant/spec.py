@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, shown
 
 SCHEMES = ("nf4", "fp4", "int8")
 BACKENDS = ("torch", "bitsandbytes")
@@ -22,7 +22,7 @@ def parse_dtype(value: Any, option: str = "compute_dtype") -> torch.dtype | None
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
-    raise ConfigError(f"{option}={value!r} is not a floating dtype; use one of float32, bfloat16, float16 (or None).")
+    raise ConfigError(f"{option}={shown(value)} is not a floating dtype; use one of float32, bfloat16, float16 (or None).")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ with a suggestion (``lerning_rate`` → ``lr``). ``method_options`` values are Y
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..core.config import type_problems
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, shown
 from .recipes import recipe
 
 TASKS = ("classification", "instruction", "lm")
@@ -25,6 +26,7 @@ FORMATS = ("peftkit", "hf-peft")
 DEFAULT_METHOD = "lora"  # with the method's recommended training options (LoRA: every linear layer)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
+MAX_OPTION_DEPTH = 32  # nesting of a --method-options value
 
 
 def _field(default: Any, help: str, **meta: Any) -> Any:
@@ -198,36 +200,58 @@ ALIASES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_trai
            "eval_steps": "eval_every", "save_steps": "save_every", "peft_type": "method", "adapter": "method",
            "resume_from_checkpoint": "resume", "max_grad_norm": "max_grad_norm", "lora_r": "method_options"}
 _TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+_EXPECTED = {"float": ((), "a number"), "int": ((int,), "an integer"), "bool": ((bool,), "true or false"),
+             "str": ((str,), "a string"), "dict": ((dict, str), "a mapping of option: value (or k=v,...)")}
 
 
 def _coerce(key: str, value: Any) -> Any:
-    """YAML gives ints for floats like ``1`` and strings for ``1e-3`` (YAML 1.1); fix both."""
+    """`value` in the type field `key` declares. YAML gives ints for floats like ``1``, strings for
+    ``1e-3`` (YAML 1.1) and numbers for names like ``2024``; those are converted. A value of
+    another type (a list for a number, ...) is a ConfigError naming the key."""
     kind = str(_TYPES[key])
+    base = kind.split("[")[0].split(" ")[0]  # "dict[str, Any] | None" -> "dict"
+    types, what = _EXPECTED[base]
     if value is None:
-        return None
-    if "float" in kind and isinstance(value, str):
+        if kind.endswith("None"):
+            return None
+        raise ConfigError(f"{key} needs a value ({what}), got null")
+    if kind.startswith("float") and isinstance(value, str | int | float) and not isinstance(value, bool):
         try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{key} must be a number, got {value!r}") from None
-    if "float" in kind and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind.startswith("int") and isinstance(value, str) and re.fullmatch(r"-?\d+", value):
-        return int(value)
-    return value
+            number = float(value)
+        except (ValueError, OverflowError):  # OverflowError: an int past the float range
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} must be a finite number, got {shown(value)}")
+        return number
+    if kind.startswith("int") and isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python converts
+            raise ConfigError(f"{key}={shown(value)} has more digits than an integer setting can use") from None
+    if kind.startswith("str") and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # a name YAML read as a number (out: 2024)
+    if isinstance(value, types) and (base == "bool" or not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key} must be {what}, got {shown(value)}")
 
 
 def from_mapping(data: dict[str, Any], source: str, base: TrainConfig | None = None) -> TrainConfig:
-    """`base` updated with `data` (keys may use dashes). Unknown keys raise with a suggestion."""
+    """`base` updated with `data` (keys may use dashes). Unknown keys raise with a suggestion; values
+    of the wrong type are all reported at once."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source} must hold a mapping of key: value, got {type(data).__name__}.")
-    updates = {}
+    updates, problems = {}, []
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in _TYPES:
             hint = f" Did you mean: {ALIASES[key]}?" if key in ALIASES else (did_you_mean(key, FIELDS) or " No close match.")
-            raise ConfigError(f"{source}: unknown key {raw_key!r}.{hint} Keys: {', '.join(FIELDS)}.")
-        updates[key] = _coerce(key, value)
+            raise ConfigError(f"{source}: unknown key {shown(raw_key)}.{hint} Keys: {', '.join(FIELDS)}.")
+        try:
+            updates[key] = _coerce(key, value)
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems) + ".")
     if isinstance(updates.get("method_options"), str):
         updates["method_options"] = parse_options(updates["method_options"])
     return dataclasses.replace(base or TrainConfig(), **updates)
@@ -272,19 +296,43 @@ def _split_top_level(text: str) -> list[str]:
 def parse_options(text: str) -> dict[str, Any]:
     """``"r=8,targets=[query,value],dropout=0.1"`` → ``{"r": 8, "targets": ["query", "value"], ...}``.
 
-    Values are YAML scalars, lists or mappings; commas inside brackets do not split.
+    Values are YAML scalars, lists or mappings (read with ``yaml.safe_load``: tags such as
+    ``!!python/object`` are refused, never run); commas inside brackets do not split.
+
+    Raises:
+        ConfigError: a part that is not key=value, or a value YAML cannot read.
     """
+    if not isinstance(text, str):
+        raise ConfigError(f"method options must be text like r=8,alpha=16, got {shown(text)}.")
     out: dict[str, Any] = {}
     for part in _split_top_level(text):
         key, sep, value = part.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"method option {part!r} is not key=value; write e.g. --method-options r=8,alpha=16.")
+            raise ConfigError(f"method option {shown(part)} is not key=value; write e.g. --method-options r=8,alpha=16.")
         if not value.strip():
-            raise ConfigError(f"method option {key.strip()!r} has an empty value ({part!r}); give one, e.g. "
+            raise ConfigError(f"method option {key.strip()!r} has an empty value ({shown(part)}); give one, e.g. "
                               f"{key.strip()}=8, or leave the option out for its default.")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"method option {key.strip()}={value!r}: the value is not valid YAML.") from None
-        out[key.strip().replace("-", "_")] = parsed
+        out[key.strip().replace("-", "_")] = _yaml_value(key.strip(), value)
     return out
+
+
+def _yaml_value(key: str, value: str) -> Any:
+    try:
+        parsed = yaml.safe_load(value)
+    # besides YAMLError: a constructor's own check (a date like 2001-13-45, an int of 5000 digits),
+    # and nesting deeper than Python's recursion limit
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
+        raise ConfigError(f"method option {key}={shown(value)}: the value is not valid YAML.") from None
+    if _depth(parsed) > MAX_OPTION_DEPTH:
+        raise ConfigError(f"method option {key}: the value nests more than {MAX_OPTION_DEPTH} levels (or refers to "
+                          "itself through a YAML alias); write plain values and lists.")
+    return parsed
+
+
+def _depth(value: Any, limit: int = MAX_OPTION_DEPTH + 1) -> int:
+    """Nesting depth of lists and mappings, counted up to `limit` (a structure that contains itself,
+    through YAML's ``&a [*a]``, has no end)."""
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if not children or limit == 0:
+        return 0
+    return 1 + max(_depth(v, limit - 1) for v in children)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from . import assets
 from .cache import tokenize_cached
 from .config import TrainConfig
-from .files import DataError, pick_field, read_records
+from .files import DataError, exists, pick_field, read_records
 
 IGNORE = -100
 SPLIT_SALT = "peftkit-split-v1"
@@ -35,6 +36,7 @@ FALLBACK_TEMPLATE = "### Prompt:\n{prompt}\n\n### Response:\n"
 EVAL_SAMPLE_SEED = "peftkit-eval-sample-v1"  # --max-eval-examples draws the same sample in every run
 LISTED = 8  # names shown in a message before "... (N in all)"
 ROLES = {"classification": ("text", "label"), "instruction": ("prompt", "response"), "lm": ("text",)}
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit() also takes '²', which int() refuses
 
 
 @dataclass
@@ -116,7 +118,7 @@ def load_source(spec: str, fields: dict[str, str | None]) -> Source:
             pick_field(ds.records, f"dataset {spec!r}", role, name, ())
         return Source(spec, ds.task, ds.records, merged, ds.split, ds.label_names)
     path = Path(spec).expanduser()
-    if not path.exists() and not path.suffix and "/" not in spec:
+    if not exists(path) and not path.suffix and "/" not in spec:
         assets.dataset(spec)  # a bare word that is neither a file nor an embedded name: say which names exist
     return Source(spec, None, read_records(path), {k: v for k, v in fields.items() if v is not None}, None)
 
@@ -144,8 +146,11 @@ def _as_int(value: Any) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
+    if isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
+        try:
+            return int(value.strip())
+        except ValueError:  # more digits than Python converts
+            return None
     return None
 
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import PeftkitError, did_you_mean
+from ..errors import PeftkitError, did_you_mean, shown
 
 
 class DataError(PeftkitError, ValueError):
@@ -24,8 +24,19 @@ SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
             ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text", ".md": "text"}
 
 
+def exists(path: Path) -> bool:
+    """Whether `path` exists; a name no file can have (a NUL byte, too long) is a DataError."""
+    try:
+        return path.exists()
+    except (OSError, ValueError) as err:
+        raise DataError(f"{shown(str(path))} cannot be a data file's name ({err}).") from None
+
+
 def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}.") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -50,15 +61,33 @@ def _csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _loads(text: str) -> Any:
+    """`json.loads`, raising only ValueError: also for nesting deeper than Python's recursion limit."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError:  # the only other one: an integer past Python's str-to-int limit
+        raise ValueError("a number has more than 4300 digits") from None
+
+
+def _why(err: ValueError, line: bool = False) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno}" if line else err.msg
+    return str(err)
+
+
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} line {number} is not valid JSON ({err.msg}); JSONL needs one object per line.") from None
+            row = _loads(line)
+        except ValueError as err:
+            raise DataError(f"{path} line {number} is not valid JSON ({_why(err)}); JSONL needs one object per line.") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} is a JSON {type(row).__name__}, not an object of field: value.")
         rows.append(row)
@@ -66,10 +95,11 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _json(path: Path) -> list[dict[str, Any]]:
+    text = _read_text(path)
     try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}).") from None
+        data = _loads(text)
+    except ValueError as err:
+        raise DataError(f"{path} is not valid JSON ({_why(err, line=True)}).") from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path} must hold a JSON list of objects (or use JSONL: one object per line).")
     return data
@@ -93,7 +123,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         DataError: the file is missing, empty, not UTF-8, malformed, or of an unknown kind.
     """
     path = Path(path)
-    if not path.exists():
+    if not exists(path):
         raise DataError(f"data file {path} does not exist.")
     if path.is_dir():
         raise DataError(f"{path} is a folder; pass a CSV / JSONL / JSON / Parquet / text file.")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...core import arch
-from ...core.config import SiteConfig, check
+from ...core.config import SiteConfig, flag, number, one_of
 from ...core.forms.select import TrainableCopy
 from ...core.linear import delta_dtype, device_of, is_linear, linear_dims
 from ...core.protocol import Delta
@@ -40,9 +40,10 @@ class AdapterConfig(SiteConfig):
     init_std: float = 1e-3
 
     def problems(self):
-        yield from check(self.placement in PLACEMENTS, f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        yield from one_of("placement", self.placement, PLACEMENTS)
         yield from bottleneck_problems(self.bottleneck, self.reduction_factor, self.activation)
-        yield from check(self.init_std >= 0, f"init_std must be >= 0, got {self.init_std!r}")
+        yield from flag("train_norms", self.train_norms, optional=True)
+        yield from number("init_std", self.init_std, ">= 0", lambda s: s >= 0)
 
     @property
     def norms_trained(self) -> bool:

@@ -8,6 +8,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ...core.config import MAX_SIZE, number, one_of, size
+from ...errors import ConfigError, shown
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU,
                                            "tanh": nn.Tanh}
 DEFAULT_BOTTLENECK = 64
@@ -16,20 +19,24 @@ DEFAULT_BOTTLENECK = 64
 def bottleneck_problems(bottleneck: int | None, reduction_factor: float | None, activation: str) -> Iterable[str]:
     """Validation shared by the adapter configs."""
     if bottleneck is not None and reduction_factor is not None:
-        yield f"give bottleneck or reduction_factor, not both (got {bottleneck} and {reduction_factor})"
-    if bottleneck is not None and not (isinstance(bottleneck, int) and bottleneck > 0):
-        yield f"bottleneck must be a positive integer, got {bottleneck!r}"
-    if reduction_factor is not None and not reduction_factor > 0:
-        yield f"reduction_factor must be > 0, got {reduction_factor!r}"
-    if activation not in ACTIVATIONS:
-        yield f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+        yield f"give bottleneck or reduction_factor, not both (got {shown(bottleneck)} and {shown(reduction_factor)})"
+    yield from size("bottleneck", bottleneck, optional=True)
+    yield from number("reduction_factor", reduction_factor, "> 0", lambda f: f > 0, optional=True)
+    yield from one_of("activation", activation, sorted(ACTIVATIONS))
 
 
 def bottleneck_size(dim: int, bottleneck: int | None, reduction_factor: float | None) -> int:
-    """m from an explicit size, a reduction factor of the hidden size, or the default 64."""
+    """m from an explicit size, a reduction factor of the hidden size, or the default 64.
+
+    Raises:
+        ConfigError: a reduction factor so small that m would pass `MAX_SIZE`.
+    """
     if bottleneck is not None:
         return bottleneck
     if reduction_factor is not None:
+        if dim / reduction_factor > MAX_SIZE:
+            raise ConfigError(f"reduction_factor={shown(reduction_factor)} makes a bottleneck of {dim / reduction_factor:.3g} "
+                              f"for hidden size {dim}, more than {MAX_SIZE}; use a larger reduction_factor or bottleneck=...")
         return max(1, int(dim // reduction_factor))
     return DEFAULT_BOTTLENECK
 

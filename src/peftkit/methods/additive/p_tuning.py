@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...core.config import MethodConfig, check
+from ...core.config import MethodConfig, flag, one_of, size
 from ...core.forms.input import VirtualTokens, input_embeddings
 from ...core.forms.table import LearnedTable
 from ...core.registry import Attachment, MethodSpec, register
@@ -41,11 +41,10 @@ class PTuningConfig(MethodConfig):
     encoder_hidden: int | None = None
 
     def problems(self):
-        yield from check(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
-                         f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        yield from check(self.encoder in ENCODERS, f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        yield from check(self.encoder_hidden is None or (isinstance(self.encoder_hidden, int) and self.encoder_hidden > 0),
-                         f"encoder_hidden must be a positive integer, got {self.encoder_hidden!r}")
+        yield from size("num_virtual_tokens", self.num_virtual_tokens)
+        yield from flag("shift_positions", self.shift_positions, optional=True)
+        yield from one_of("encoder", self.encoder, ENCODERS)
+        yield from size("encoder_hidden", self.encoder_hidden, optional=True)
 
 
 class LstmEncoder(nn.Module):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ...core import arch
-from ...core.config import SiteConfig, check
+from ...core.config import SiteConfig, number
 from ...core.linear import delta_dtype, device_of, is_linear, linear_dims
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
@@ -41,7 +41,7 @@ class ParallelAdapterConfig(SiteConfig):
 
     def problems(self):
         yield from bottleneck_problems(self.bottleneck, self.reduction_factor, self.activation)
-        yield from check(self.scale != 0, "scale must be non-zero")
+        yield from number("scale", self.scale, "other than 0", lambda s: s != 0)
 
 
 class Tap:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...core import arch
-from ...core.config import SiteConfig, check
+from ...core.config import SiteConfig, check, flag, size
 from ...core.forms.context import KeyValuePrefix
 from ...core.forms.input import shifts_positions
 from ...core.forms.table import LearnedTable
@@ -50,10 +50,11 @@ class PrefixTuningConfig(SiteConfig):
     head_dim: int | None = None
 
     def problems(self):
-        yield from check(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
-                         f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        yield from check(isinstance(self.reparam_hidden, int) and self.reparam_hidden >= 0,
-                         f"reparam_hidden must be an integer >= 0 (0: no MLP), got {self.reparam_hidden!r}")
+        yield from size("num_virtual_tokens", self.num_virtual_tokens)
+        yield from size("reparam_hidden", self.reparam_hidden, 0, note=" (0: no MLP)")
+        yield from flag("shift_positions", self.shift_positions, optional=True)
+        yield from size("num_kv_heads", self.num_kv_heads, optional=True)
+        yield from size("head_dim", self.head_dim, optional=True)
         yield from check((self.num_kv_heads is None) == (self.head_dim is None),
                          "give num_kv_heads and head_dim together")
         yield from check(self.targets is None and self.exclude is None,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...core.config import MethodConfig, check
+from ...core.config import MethodConfig, check, flag, one_of, size, text
 from ...core.forms.input import VirtualTokens, input_embeddings
 from ...core.forms.table import LearnedTable
 from ...core.registry import Attachment, MethodSpec, register
@@ -45,9 +45,11 @@ class PromptTuningConfig(MethodConfig):
     tokenizer: str | None = None
 
     def problems(self):
-        yield from check(isinstance(self.num_virtual_tokens, int) and self.num_virtual_tokens > 0,
-                         f"num_virtual_tokens must be a positive integer, got {self.num_virtual_tokens!r}")
-        yield from check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        yield from size("num_virtual_tokens", self.num_virtual_tokens)
+        yield from flag("shift_positions", self.shift_positions, optional=True)
+        yield from one_of("init", self.init, INITS)
+        yield from text("init_text", self.init_text, optional=True)
+        yield from text("tokenizer", self.tokenizer, "a tokenizer name or folder", optional=True)
         yield from check(self.init != "text" or bool(self.init_text), "init='text' needs init_text='...'")
 
 

@@ -23,7 +23,7 @@ the parts' base preparations (``qlora`` quantizes the base before anything is bu
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from ...core.registry import Attachment, MethodSpec, register
 from ...core.registry import config as make_config
 from ...core.registry import get as get_spec
 from ...core.targets import base_at
-from ...errors import ConfigError, PeftkitError
+from ...errors import ConfigError, PeftkitError, shown
 from .gate import GATEABLE, GatedDelta
 
 
@@ -66,7 +66,7 @@ class ComposeConfig(MethodConfig):
         if not isinstance(gates, bool):
             yield from check(isinstance(gates, tuple) and len(gates) == len(self.parts)
                              and all(isinstance(g, bool) for g in gates),
-                             f"gates must be true/false or one bool per part ({len(self.parts)}), got {gates!r}")
+                             f"gates must be true/false or one bool per part ({len(self.parts)}), got {shown(gates)}")
 
     def gate_flags(self) -> tuple[bool, ...]:
         return (self.gates,) * len(self.parts) if isinstance(self.gates, bool) else tuple(self.gates)
@@ -121,12 +121,25 @@ def build(model: nn.Module, config: ComposeConfig) -> Attachment:
     return attachment
 
 
-def prepare(model: nn.Module, config: ComposeConfig) -> None:
-    """Run each part's base preparation (e.g. ``qlora`` quantizing the base) before any part builds."""
-    for part in config.parts:
-        spec = get_spec(part.method)
-        if spec.prepare is not None:
-            spec.prepare(model, part)
+def prepare(model: nn.Module, config: ComposeConfig) -> Callable[[], None]:
+    """Run each part's base preparation (e.g. ``qlora`` quantizing the base) before any part builds;
+    returns what reverts them all (a failing part reverts those before it here)."""
+    undos = []
+
+    def revert() -> None:
+        for undo in reversed(undos):
+            undo()
+
+    try:
+        for part in config.parts:
+            spec = get_spec(part.method)
+            undo = spec.prepare(model, part) if spec.prepare is not None else None
+            if undo is not None:
+                undos.append(undo)
+    except BaseException:
+        revert()
+        raise
+    return revert
 
 
 class CompositeController(Controller):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...core.config import MethodConfig, check
+from ...core.config import MethodConfig, number, size
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import LayerSpec
 from . import compose
@@ -39,12 +39,10 @@ class MamConfig(MethodConfig):
     layers: LayerSpec = None
 
     def problems(self):
-        yield from check(isinstance(self.prefix_length, int) and self.prefix_length > 0,
-                         f"prefix_length must be a positive integer, got {self.prefix_length!r}")
+        yield from size("prefix_length", self.prefix_length)
         for name in ("prefix_hidden", "bottleneck"):
-            value = getattr(self, name)
-            yield from check(value is None or (isinstance(value, int) and value > 0),
-                             f"{name} must be a positive integer or None (paper size scaled), got {value!r}")
+            yield from size(name, getattr(self, name), optional=True, note=" (None: the paper's size, scaled)")
+        yield from number("scale", self.scale, "other than 0", lambda s: s != 0)
 
     def parts(self, model: nn.Module) -> compose.ComposeConfig:
         """The composition this recipe stands for, sized for `model`."""

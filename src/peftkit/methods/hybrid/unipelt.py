@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...core.config import MethodConfig, check
+from ...core.config import MethodConfig, flag, number, size
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import LayerSpec
 from . import compose
@@ -41,10 +41,10 @@ class UniPeltConfig(MethodConfig):
 
     def problems(self):
         for name in ("lora_r", "prefix_length", "bottleneck"):
-            value = getattr(self, name)
-            yield from check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        yield from check(isinstance(self.prefix_hidden, int) and self.prefix_hidden >= 0,
-                         f"prefix_hidden must be an integer >= 0 (0: no MLP), got {self.prefix_hidden!r}")
+            yield from size(name, getattr(self, name))
+        yield from number("lora_alpha", self.lora_alpha, "> 0", lambda a: a > 0)
+        yield from size("prefix_hidden", self.prefix_hidden, 0, note=" (0: no MLP)")
+        yield from flag("gate", self.gate)
 
     def parts(self) -> compose.ComposeConfig:
         """The composition this recipe stands for."""

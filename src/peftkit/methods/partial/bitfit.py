@@ -47,7 +47,8 @@ class BitFitConfig(MethodConfig):
     layers: LayerSpec = None
 
     def problems(self):
-        yield from check(bool(as_entries(self.biases)), f"biases must be 'all' or a non-empty list, got {self.biases!r}")
+        # the type of `biases` is checked with every target spec; here only that it names something
+        yield from check(self.biases is not None, "biases must be 'all' or a non-empty list, got None")
 
 
 def _role_sites(model: nn.Module, role: str) -> list[str]:

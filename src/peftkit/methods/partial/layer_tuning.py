@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...core import arch
-from ...core.config import MethodConfig, check
+from ...core.config import MethodConfig, check, size
 from ...core.forms.select import TrainableCopy
 from ...core.linear import is_quantized
 from ...core.registry import Attachment, MethodSpec, register
@@ -46,8 +46,7 @@ class LayerTuningConfig(MethodConfig):
 
     def problems(self):
         k = self.last_k
-        yield from check(isinstance(k, int) and not isinstance(k, bool) and k >= 0,
-                         f"last_k must be an integer >= 0, got {k!r}")
+        yield from size("last_k", k, 0)
         yield from check(bool(k) or self.layers is not None or self.targets is not None,
                          "last_k=0 with no layers and no targets tunes nothing; set one of them")
 

@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core import arch
-from ...core.config import SiteConfig, check
+from ...core.config import SiteConfig, check, integer, is_int, number, size
 from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.registry import config as make_config
 from ...core.targets import base_at, select
 from ...core.tuned import TunedModel
-from ...errors import AdapterStateError, ConfigError
+from ...errors import AdapterStateError, ConfigError, shown
 from .adalora_budget import RankAllocator
 from .adalora_hf import ADALORA_CODEC
 
@@ -66,32 +66,26 @@ class AdaLoraConfig(SiteConfig):
     dropout: float = 0.0
 
     def problems(self):
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        yield from check(is_int(self.init_r) and self.init_r > 0, f"init_r must be a positive integer, got {self.init_r!r}")
+        yield from size("init_r", self.init_r)
         if self.budget is None:
-            yield from check(isinstance(self.target_r, int | float) and 0 < self.target_r <= (self.init_r or 0),
-                             f"target_r must be in (0, init_r={self.init_r}], got {self.target_r!r}")
-        yield from check(self.budget is None or (is_int(self.budget) and self.budget > 0),
-                         f"budget must be a positive integer (total ranks kept) or None, got {self.budget!r}")
+            yield from number("target_r", self.target_r, f"in (0, init_r={shown(self.init_r)}]",
+                              lambda t: 0 < t <= (self.init_r if is_int(self.init_r) else 0))
+        yield from integer("budget", self.budget, optional=True, note=" (total ranks kept)")
         yield from check(is_int(self.total_steps) and self.total_steps > 0,
                          f"total_steps must be the number of optimizer steps you will train (a positive integer), "
-                         f"got {self.total_steps!r}; AdaLoRA's budget schedule needs it")
-        for name in ("t_init", "t_final"):
-            value = getattr(self, name)
-            yield from check(is_int(value) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
-        yield from check(is_int(self.delta_t) and self.delta_t > 0, f"delta_t must be a positive integer, got {self.delta_t!r}")
+                         f"got {shown(self.total_steps)}; AdaLoRA's budget schedule needs it")
+        yield from integer("t_init", self.t_init, 0)
+        yield from integer("t_final", self.t_final, 0)
+        yield from integer("delta_t", self.delta_t)
         if is_int(self.total_steps) and is_int(self.t_init) and is_int(self.t_final):
             yield from check(self.t_init < self.total_steps - self.t_final,
                              f"t_init={self.t_init} and t_final={self.t_final} leave no budgeting phase in "
                              f"total_steps={self.total_steps}; decrease them or increase total_steps")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            yield from check(0.0 < value < 1.0, f"{name} must be in (0, 1), got {value!r}")
-        yield from check(self.orth_reg >= 0, f"orth_reg must be >= 0, got {self.orth_reg!r}")
-        yield from check(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
-        yield from check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        yield from number("beta1", self.beta1, "in (0, 1)", lambda b: 0 < b < 1)
+        yield from number("beta2", self.beta2, "in (0, 1)", lambda b: 0 < b < 1)
+        yield from number("orth_reg", self.orth_reg, ">= 0", lambda w: w >= 0)
+        yield from number("alpha", self.alpha, "> 0", lambda a: a > 0)
+        yield from number("dropout", self.dropout, "in [0, 1)", lambda p: 0 <= p < 1)
 
     def target_budget(self, n_sites: int) -> int:
         """Total singular values kept at the end of training over `n_sites` sites."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core import arch
-from ...core.config import SiteConfig, check
+from ...core.config import MAX_SIZE, SiteConfig, flag, is_int, is_number, mapping, number, one_of, size
 from ...core.forms.select import BiasShift
 from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
 from ...core.protocol import Delta
@@ -54,13 +54,16 @@ class LoraConfig(SiteConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def problems(self):
-        yield from check(isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}")
-        yield from check(self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
-        yield from check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
-        yield from check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        yield from check(self.bias in BIASES, f"bias must be one of {BIASES}, got {self.bias!r}")
-        bad = {k: v for k, v in self.rank_pattern.items() if not (isinstance(v, int) and v > 0)}
-        yield from check(not bad, f"rank_pattern values must be positive integers, got {bad}")
+        yield from size("r", self.r)
+        yield from number("alpha", self.alpha, "> 0", lambda a: a > 0)
+        yield from number("dropout", self.dropout, "in [0, 1)", lambda p: 0 <= p < 1)
+        yield from flag("rslora", self.rslora)
+        yield from flag("dora", self.dora)
+        yield from one_of("init", self.init, INITS)
+        yield from one_of("bias", self.bias, BIASES)
+        yield from mapping("rank_pattern", self.rank_pattern, f"ranks in [1, {MAX_SIZE}]",
+                                   lambda r: is_int(r) and 0 < r <= MAX_SIZE)
+        yield from mapping("alpha_pattern", self.alpha_pattern, "numbers > 0", lambda a: is_number(a) and a > 0)
 
     def rank_alpha(self, site: str) -> tuple[int, float]:
         r = next((v for k, v in self.rank_pattern.items() if matches(k, site)), self.r)

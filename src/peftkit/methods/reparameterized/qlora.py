@@ -13,26 +13,29 @@ Defaults: r=8, alpha=16, dropout=0; nf4, double_quant=True, blocksize=64, comput
 How the base gets quantized: the method's ``prepare`` step, which ``peftkit.attach`` (and so
 ``peftkit.load`` and ``--method qlora``) runs before ``build``; ``build`` itself never changes
 the model. Layers that are already quantized are left as they are, so ``peftkit.quantize(model,
-...)`` or ``peftkit.quant.load_quantized(...)`` beforehand (lower peak memory) works too.
+...)`` or ``peftkit.quant.load_quantized(...)`` beforehand works too, and keeps peak memory lower:
+until ``attach`` returns, the full-precision layers it replaced stay in memory, so that a failed
+attach can put them back.
 Saved adapters are LoRA adapters plus these options; in the Hugging Face PEFT format a qlora
 adapter is a ``LORA`` adapter (PEFT keeps quantization in the model, not the adapter).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ...core import registry
-from ...core.config import MethodConfig
+from ...core.config import MethodConfig, flag, one_of
 from ...core.linear import is_quantized
 from ...core.registry import Attachment, HfCodec, MethodSpec, register
 from ...core.targets import Spec, base_at
 from ...errors import ConfigError
-from ...quant import QuantSpec, quantize
-from ...quant.spec import parse_dtype
+from ...quant.apply import quantize_revertibly
+from ...quant.spec import BACKENDS, BLOCKSIZES, SCHEMES, parse_dtype
 from .lora import LoraConfig
 
 _QUANT_FIELDS = ("quant_type", "double_quant", "blocksize", "compute_dtype", "backend")
@@ -52,12 +55,14 @@ class QLoraConfig(LoraConfig):
 
     def problems(self):
         yield from super().problems()
+        yield from one_of("quant_type", self.quant_type, SCHEMES)
+        yield from flag("double_quant", self.double_quant)
+        yield from one_of("blocksize", self.blocksize, BLOCKSIZES)
+        yield from one_of("backend", self.backend, BACKENDS)
         try:
-            QuantSpec(self.quant_type, self.double_quant, self.blocksize, self.backend)
             parse_dtype(self.compute_dtype)
         except ConfigError as err:
-            # the quantizer calls quant_type "scheme": name the option as it is given here
-            yield str(err).removeprefix("invalid quantization options: ").rstrip(".").replace("scheme ", "quant_type ")
+            yield str(err).rstrip(".")
 
     def quantization(self) -> dict[str, Any]:
         """Keyword arguments of `peftkit.quantize` for this recipe's base."""
@@ -69,8 +74,9 @@ class QLoraConfig(LoraConfig):
         return registry.config("lora", **options)
 
 
-def prepare(model: nn.Module, config: QLoraConfig) -> None:
-    quantize(model, **config.quantization())  # layers quantized already are left as they are
+def prepare(model: nn.Module, config: QLoraConfig) -> Callable[[], None]:
+    # layers quantized already are left as they are; a failed attach puts the full-precision ones back
+    return quantize_revertibly(model, **config.quantization())
 
 
 def build(model: nn.Module, config: QLoraConfig) -> Attachment:

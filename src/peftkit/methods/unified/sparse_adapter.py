@@ -26,7 +26,7 @@ run or save. Note that weight-based scores give zero to zero-initialised tensors
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +34,12 @@ import torch
 from torch import nn
 
 from ...core import registry
-from ...core.config import MethodConfig, check
+from ...core.config import MethodConfig, integer, mapping, number, one_of
 from ...core.forms.mask import MaskedDelta, default_prunable
 from ...core.protocol import Controller
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import Spec
-from ...errors import AdapterStateError, ConfigError, PeftkitError, did_you_mean
+from ...errors import AdapterStateError, ConfigError, PeftkitError, did_you_mean, shown
 from . import scores as S
 
 SCORES = ("snip", "grasp", "magnitude", "random")
@@ -61,17 +61,19 @@ class SparseAdapterConfig(MethodConfig):
     seed: int = 0
 
     def problems(self):
-        yield from check(isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0,
-                         f"sparsity (fraction of weights removed) must be in [0, 1), got {self.sparsity!r}")
-        yield from check(self.score in SCORES, f"score must be one of {SCORES}, got {self.score!r}")
-        yield from check(self.scope in SCOPES, f"scope must be one of {SCOPES}, got {self.scope!r}")
-        yield from check(isinstance(self.base_options, dict), f"base_options must be a dict, got {self.base_options!r}")
-        if self.base == self.method:
+        yield from number("sparsity", self.sparsity, "in [0, 1) (the fraction of weights removed)",
+                          lambda s: 0 <= s < 1)
+        yield from one_of("score", self.score, SCORES)
+        yield from one_of("scope", self.scope, SCOPES)
+        bad_options = list(mapping("base_options", self.base_options, "the base method's option values"))
+        yield from bad_options
+        yield from integer("seed", self.seed, 0, high=2**63 - 1)
+        if not isinstance(self.base, str) or self.base not in registry.methods():
+            near = did_you_mean(self.base, registry.methods()) if isinstance(self.base, str) else ""
+            yield f"base method {shown(self.base)} is not registered.{near} Registered: {', '.join(registry.methods())}"
+        elif self.base == self.method:
             yield "base cannot be sparse_adapter itself"
-        elif self.base not in registry.methods():
-            yield (f"base method {self.base!r} is not registered.{did_you_mean(self.base, registry.methods())} "
-                   f"Registered: {', '.join(registry.methods())}")
-        elif isinstance(self.base_options, dict):
+        elif not bad_options:
             try:
                 self.base_config()
             except PeftkitError as err:
@@ -162,11 +164,10 @@ def _loss(tuned: Any, batch: dict[str, Any], loss_fn: Any) -> torch.Tensor:
     return loss
 
 
-def prepare(model: nn.Module, config: SparseAdapterConfig) -> None:
-    """The base method's own base preparation, if any (e.g. ``qlora`` quantizing the base)."""
+def prepare(model: nn.Module, config: SparseAdapterConfig) -> Callable[[], None] | None:
+    """The base method's own base preparation, if any (e.g. ``qlora`` quantizing the base), and its undo."""
     spec = registry.get(config.base)
-    if spec.prepare is not None:
-        spec.prepare(model, config.base_config())
+    return spec.prepare(model, config.base_config()) if spec.prepare is not None else None
 
 
 class SparseController(Controller):
