@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import interleaved_median  # noqa: E402
+from _common import interleaved_median, saved_activation_bytes  # noqa: E402
 
 import peftkit  # noqa: E402
 
@@ -130,20 +130,7 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callab
 
 def memory(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
     """Bytes kept for backward in one step plus the trainable state (parameter, gradient, two moments)."""
-    seen: set[int] = set()
-    saved = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            saved += t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    loss.backward()
+    saved = saved_activation_bytes(lambda: model(**batch).loss)
     model.zero_grad(set_to_none=True)
     trainable = sum(4 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return saved + trainable
