@@ -90,6 +90,8 @@ BAD = [
     row("train config missing", [*T, "--config", "{missing}.yaml"], r"config file .* does not exist"),
     row("train config not YAML", [*T, "--config", "{bad_yaml}"], r"not valid YAML \(line \d+, column \d+\)"),
     row("train config key of another trainer", [*T, "--config", "{alias_yaml}"], r"'learning_rate'.*Did you mean: lr"),
+    row("train config value YAML cannot construct", [*T, "--config", "{date_yaml}"], r"holds a value YAML cannot read"),
+    row("train max length past the position table", [*T, "--max-length", "100000"], r"longer than .* can read"),
     row("train config value of the wrong type", [*T, "--config", "{null_yaml}"], r"eval_fraction needs a value \(a number\)"),
     # -- train: resume
     row("train resume from nowhere", [*T, "--resume", "{missing}"], r"holds no checkpoint; --resume takes a run"),

@@ -175,6 +175,8 @@ def world(tmp_path_factory, bert_dir, llama_dir) -> dict:
     w["alias_yaml"].write_text("learning_rate: 0.1\n")
     w["null_yaml"] = root / "null.yaml"
     w["null_yaml"].write_text("eval_fraction: null\n")
+    w["date_yaml"] = root / "date.yaml"
+    w["date_yaml"].write_text("epochs: 2001-13-45\n")  # YAML reads a date, and refuses month 13
     w["readonly"] = _readonly(root)
     w["results"] = {}
     for task in TASKS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +20,16 @@ def add_parser(subs: Any) -> None:
 
 
 def _tensor_counts(path: Path) -> tuple[int, int]:
-    """(parameters, tensors) from a safetensors file's header."""
-    from safetensors import SafetensorError, safe_open
+    """(parameters, tensors) from a safetensors file's header, checked against the file's size."""
+    from ..core.files.checked import header
 
-    params, tensors = 0, 0
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open is not iterable)
-                n = 1
-                for d in f.get_slice(key).get_shape():
-                    n *= d
-                params, tensors = params + n, tensors + 1
-    except (SafetensorError, OSError) as err:
-        raise AdapterFileError(f"{path} is not a valid safetensors file ({err}).") from None
-    return params, tensors
+    entries = header(path)
+    return sum(math.prod(shape) for _, shape in entries.values()), len(entries)
 
 
 def describe(folder: Path) -> dict[str, Any]:
     """The description ``peftkit info --json`` prints."""
-    from ..core.files import INDEX, hf_format, peftkit_format
+    from ..core.files import INDEX, hf_format, peftkit_format, read_index
     from ..core.files.checked import read_json
     from ..train.models import folder_bytes
 
@@ -57,7 +49,7 @@ def describe(folder: Path) -> dict[str, Any]:
                 "sites": conf.get("target_modules"), "parameters": params, "tensors": tensors,
                 "bytes": folder_bytes(folder), "base": {"name_or_path": conf.get("base_model_name_or_path")}}
     if (folder / INDEX).is_file():
-        names = read_json(folder / INDEX).get("adapters", [])
+        names = read_index(folder)
         return {"format": "multi", "adapters": {n: describe(folder / n) for n in names}, "bytes": folder_bytes(folder)}
     raise AdapterFileError(f"{folder} holds no adapter (no {peftkit_format.META}, {hf_format.HF_CONFIG} or {INDEX}).")
 

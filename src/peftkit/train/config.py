@@ -270,6 +270,9 @@ def load_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}.") from None
+    except (ValueError, OverflowError, RecursionError) as err:  # a constructor's own check: a date like 2001-13-45
+        raise ConfigError(f"config file {path} holds a value YAML cannot read ({shown(str(err))}); quote it, or "
+                          "fix it.") from None
     return from_mapping(data or {}, f"config file {path}", base)
 
 

@@ -39,6 +39,19 @@ def resolve(name: str) -> str:
     return assets.model_path(name)  # raises: unknown name, with the closest embedded one
 
 
+def position_limit(path: str) -> int | None:
+    """How many token positions a model with learned (absolute) position embeddings can read; None
+    for models without such a table (rotary positions extrapolate, if not well)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if config.get("position_embedding_type", "absolute") != "absolute" or any("rope" in key for key in config):
+        return None
+    limit = config.get("n_positions") or config.get("max_position_embeddings")
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def is_causal(path: str) -> bool:
     """Whether the folder's model generates text (a causal / seq2seq LM) rather than encodes it."""
     try:

@@ -91,7 +91,13 @@ def plan(cfg: TrainConfig) -> Job:
         RunLog.check_tensorboard()
     if cfg.num_labels is not None and task != "classification":
         raise ConfigError(f"--num-labels is for classification; this run's task is {task}. Leave it out.")
+    limit = models.position_limit(path)
+    if limit is not None and cfg.max_length is not None and cfg.max_length > limit:
+        raise ConfigError(f"--max-length {cfg.max_length} is longer than {cfg.model} can read ({limit} positions); "
+                          f"pass --max-length {limit} or less.")
     cfg = dataclasses.replace(cfg, task=task, **absolute_paths(cfg)).resolved()
+    if limit is not None and cfg.max_length > limit:  # the task's default is longer than this model reads
+        cfg = dataclasses.replace(cfg, max_length=limit)
     if cfg.out:
         out = Path(cfg.out)
     elif cfg.resume not in (None, "", "auto"):
