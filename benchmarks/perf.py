@@ -154,7 +154,7 @@ def section_lora(bench: Bench, repeats: int) -> list[dict[str, Any]]:
         times = interleaved_median({"floor": floor_step(bench), "peftkit": train_step(ours, bench.batch),
                                     "peft": train_step(theirs, bench.batch)}, repeats=repeats)
         mem = {"peftkit": memory(ours, bench.batch), "peft": memory(theirs, bench.batch)}
-        rows.append({"model": bench.name, "lora": label,
+        rows.append({"model": bench.name, "lora": label, "floor (s)": times["floor"],
                      "peftkit / floor": times["peftkit"] / times["floor"], "peft / floor": times["peft"] / times["floor"],
                      "peftkit / peft (time)": times["peftkit"] / times["peft"],
                      "peftkit / peft (memory)": mem["peftkit"] / mem["peft"],

@@ -7,7 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftkit.methods.reparameterized.lora_kernel import low_rank
+from peftkit.methods.reparameterized.lora_kernel import down, up
+
+
+def low_rank(x, factors, p=0.0, training=False, mask=None, y=None):
+    """The kernel's two functions composed: ``[y +] s_i · B_i · A_i · dropout(x)`` for each factor pair."""
+    hs = down(x, [A for A, _, _ in factors], p, training, mask)
+    return [up(y, h, B, s) for h, (_, B, s) in zip(hs, factors, strict=True)]
 
 
 def plain(x, A, B, scaling, mask, keep):
@@ -33,23 +39,23 @@ def test_same_outputs_and_gradients_as_plain_autograd_for_the_same_mask(p):
         for t in (x, A, B):
             t.grad = None
         if fn is None:
-            out = low_rank(x, A, B, 0.5, p, training=True, mask=mask)
+            (out,) = low_rank(x, [(A, B, 0.5)], p, training=True, mask=mask)
         else:
             out = plain(x, A, B, 0.5, mask, 1 - p)
         out.backward(grad)
         results.append([out.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()])
     for ours, reference in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-6)
-    assert torch.equal(results[1][0], results[0][0])  # the forward is the same computation, bit for bit
 
 
 def test_no_dropout_outside_training_and_a_fresh_mask_inside():
     x, A, B = tensors()
-    assert torch.equal(low_rank(x, A, B, 1.0, 0.3, training=False), plain(x, A, B, 1.0, None, 1.0))
+    torch.testing.assert_close(low_rank(x, [(A, B, 1.0)], 0.3, training=False)[0], plain(x, A, B, 1.0, None, 1.0),
+                               atol=1e-6, rtol=1e-6)
     torch.manual_seed(0)
-    first = low_rank(x, A, B, 1.0, 0.3, training=True)
+    first = low_rank(x, [(A, B, 1.0)], 0.3, training=True)[0]
     torch.manual_seed(1)
-    assert not torch.equal(first, low_rank(x, A, B, 1.0, 0.3, training=True))
+    assert not torch.equal(first, low_rank(x, [(A, B, 1.0)], 0.3, training=True)[0])
 
 
 def saved_bytes(fn) -> int:
@@ -71,12 +77,122 @@ def saved_bytes(fn) -> int:
 
 def test_keeps_less_for_backward_than_plain_autograd():
     """Two projections reading one input (query and value): plain autograd keeps a dropped copy of x,
-    a mask and h for each; the kernel keeps x once and the small factors."""
+    a mask and h for each; the kernel keeps x and one boolean mask once, each h and the factors."""
     x = torch.randn(64, 128, 256, requires_grad=True)
     factors = [(torch.randn(8, 256, requires_grad=True), torch.randn(256, 8, requires_grad=True)) for _ in range(2)]
     masks = [torch.rand(x.shape) >= 0.1 for _ in range(2)]
-    ours = saved_bytes(lambda: sum(low_rank(x, A, B, 2.0, 0.1, training=True) for A, B in factors))
+    ours = saved_bytes(lambda: sum(low_rank(x, [(A, B, 2.0) for A, B in factors], 0.1, training=True)))
     reference = saved_bytes(lambda: sum(plain(x, A, B, 2.0, m, 0.9) for (A, B), m in zip(factors, masks, strict=True)))
-    x_bytes, small = x.numel() * 4, sum(A.numel() + B.numel() for A, B in factors) * 4
-    assert ours <= x_bytes + small
+    x_bytes = x.numel() * 4
+    small = sum(A.numel() + B.numel() + x[..., :8].numel() for A, B in factors) * 4  # factors and each h
+    assert ours <= x_bytes + x.numel() + 8 + small  # the mask's storage may hold two spare entries
     assert reference >= 2 * (x_bytes + x.numel())  # per projection: the dropped copy and a byte per mask entry
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_generated_masks_keep_the_asked_share_at_every_position(p):
+    """16 random bits per entry, three entries per int64: no position (of the three) may be favoured."""
+    from peftkit.methods.reparameterized.lora_kernel import _mask, keep_levels
+
+    x = torch.empty(1000, 999)
+    mask = _mask(x, keep_levels(p), seed=3).float()
+    keep, sd = 1 - p, (p * (1 - p) / mask.numel()) ** 0.5
+    assert abs(mask.mean().item() - keep) < 5 * sd
+    for k in range(3):  # entries taken from each word's first, second and third 16-bit chunk
+        share = mask.reshape(-1)[k::3].mean().item()
+        assert abs(share - keep) < 5 * sd * 3**0.5
+    assert torch.equal(_mask(x, keep_levels(p), seed=3).float(), mask)  # the same seed, the same mask
+
+
+def test_a_generated_mask_is_the_same_in_forward_and_backward():
+    """The backward pass draws the mask again from its seed: gradients are those of the forward's mask."""
+    from peftkit.methods.reparameterized.lora_kernel import _LEVELS, _mask, keep_levels
+
+    x, A, B = tensors()
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # what low_rank draws
+    keep = keep_levels(0.2) / _LEVELS
+    mask = _mask(x, keep_levels(0.2), seed)
+    grad = torch.randn(3, 5, 8)
+    torch.manual_seed(7)
+    (out,) = low_rank(x, [(A, B, 0.5)], 0.2, training=True)
+    out.backward(grad)
+    ours = [out.detach(), x.grad.clone(), A.grad.clone(), B.grad.clone()]
+    for t in (x, A, B):
+        t.grad = None
+    reference = plain(x, A, B, 0.5, mask, keep)
+    reference.backward(grad)
+    for a, b in zip(ours, [reference.detach(), x.grad, A.grad, B.grad], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_projections_reading_one_input_run_as_one(p):
+    """Three factor pairs over one x (query, key, value; ranks may differ): outputs and gradients are
+    those of three separate plain computations with the one shared mask, and a gradient that arrives
+    for only some of the outputs is handled."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 16, generator=g, requires_grad=True)
+    factors = [(torch.randn(r, 16, generator=g, requires_grad=True), torch.randn(o, r, generator=g, requires_grad=True), s)
+               for r, o, s in ((4, 8, 0.5), (2, 8, 2.0), (4, 12, 1.0))]
+    mask = torch.rand(x.shape, generator=g) >= p if p else None
+    grads = [torch.randn(2, 6, o, generator=g) for o in (8, 8, 12)]
+    for used in ([0, 1, 2], [0, 2]):
+        results = []
+        for fused in (True, False):
+            for t in (x, *(t for A, B, _ in factors for t in (A, B))):
+                t.grad = None
+            if fused:
+                outs = low_rank(x, factors, p, training=True, mask=mask)
+            else:
+                outs = [plain(x, A, B, s, mask, 1 - p) for A, B, s in factors]
+            torch.autograd.backward([outs[i] for i in used], [grads[i] for i in used])
+            results.append([o.detach() for o in outs] + [t.grad for t in (x, *(t for A, B, _ in factors for t in (A, B)))])
+        for ours, reference in zip(*results, strict=True):
+            if reference is None:
+                assert ours is None or not ours.any()
+            else:
+                torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_grouped_projections_in_a_model_compute_what_separate_ones_do(name):
+    """LoRA on every linear layer: query/key/value (and Llama's gate/up) run as one group; the model's
+    outputs and every adapter gradient match the same adapter run projection by projection."""
+    from models import BUILDERS, batch, output_tensor
+
+    import peftkit
+    from peftkit.methods.reparameterized.lora import LoraLinear
+
+    runs = []
+    for grouped in (True, False):
+        torch.manual_seed(0)
+        tuned = peftkit.attach(BUILDERS[name](), peftkit.config("lora", targets="all-linear", init="random"))
+        deltas = [m for m in tuned.modules() if isinstance(m, LoraLinear)]
+        if name != "gpt2":  # GPT-2 fuses q, k, v into one layer: nothing to group
+            assert any(d.shared is not None for d in deltas)
+        if not grouped:
+            for d in deltas:
+                d.shared = None
+        tuned.train()
+        out = tuned(**batch(name))
+        out.loss.backward()
+        runs.append([output_tensor(out).detach(), *(p.grad for p in tuned.trainable_parameters())])
+    for ours, reference in zip(*runs, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_the_addition_into_the_output_is_exact():
+    """`up` with an output adds into it in one addmm: y + s·h·Bᵀ, and y's gradient passes through."""
+    x, A, B = tensors()
+    y = torch.randn(3, 5, 8, requires_grad=True)
+    grad = torch.randn(3, 5, 8)
+    (fused,) = low_rank(x, [(A, B, 0.5)], y=y)
+    fused.backward(grad)
+    ours = [fused.detach(), y.grad.clone(), x.grad.clone(), A.grad.clone(), B.grad.clone()]
+    for t in (x, A, B, y):
+        t.grad = None
+    reference = y + plain(x, A, B, 0.5, None, 1.0)
+    reference.backward(grad)
+    for a, b in zip(ours, [reference.detach(), y.grad, x.grad, A.grad, B.grad], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -5,7 +5,8 @@ its *form* is simply which hooks it fills in (see DESIGN.md):
 
     h = transform_input(x)                      # scale form on the input  (IA3 on FFN-down)
     y = base(h)  with param_overrides()         # select form              (BitFit, head copies)
-    y = y + weight * contribution(h, base, y)   # reparam / parallel form  (LoRA, parallel adapter)
+    y = y + weight * contribution(h, base, y)   # reparam / parallel form  (LoRA, parallel adapter;
+                                                #   `add_to` may fuse the addition)
     y = transform_output(y)                     # sequential / scale form  (bottleneck adapter, IA3)
 
 The `Delta` protocol lives in `protocol.py`; the deltas the engine owns (the select form) and the
@@ -133,9 +134,12 @@ class Host(nn.Module):
             y = self.base_layer(h, *args, **kwargs)
         out = base_out = _first(y)
         for delta, weight in stack:
-            if "contribution" in delta.hooks:
-                c = delta.contribution(h, self.base_layer, base_out).to(out.dtype)
-                out = out + (c if weight == 1.0 else weight * c)
+            if "contribution" not in delta.hooks:
+                continue
+            if weight == 1.0:
+                out = delta.add_to(out, h, self.base_layer, base_out)
+            else:
+                out = out + weight * delta.contribution(h, self.base_layer, base_out).to(out.dtype)
         for delta, _ in stack:
             if "transform_output" in delta.hooks:
                 out = delta.transform_output(out)

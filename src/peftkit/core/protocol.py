@@ -75,6 +75,11 @@ class Delta(DeltaState):
     def transform_output(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+        """``out + contribution(x, base, base_out)``; a delta may fuse the addition into its own last
+        product (one pass over the output instead of two)."""
+        return out + self.contribution(x, base, base_out).to(out.dtype)
+
     def fold(self, base: nn.Module) -> None:
         """Fold this delta into `base`'s weights in place (called under no_grad)."""
         raise NotMergeableError(f"{type(self).__name__} ({self.form} form) cannot be merged into the base weights.")

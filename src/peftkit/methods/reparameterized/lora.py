@@ -29,9 +29,9 @@ from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_line
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import base_at, head_names, iter_sites, matches, select
-from ...errors import ConfigError
+from ...errors import ConfigError, TargetError
 from .lora_hf import LORA_CODEC
-from .lora_kernel import low_rank
+from .lora_kernel import SharedInput, down, up
 
 INITS = ("kaiming", "gaussian", "random")
 BIASES = ("none", "lora_only", "all")
@@ -90,6 +90,7 @@ class LoraLinear(Delta):
         self.scaling = scaling
         self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shared: SharedInput | None = None  # set by `build` for projections that read one input
         if init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / r)
         else:
@@ -106,10 +107,26 @@ class LoraLinear(Delta):
         weight = linear_weight(base).to(self.A.dtype)  # (out, in)
         return weight + self.scaling * (self.B @ self.A)
 
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """h = dropout(x)·Aᵀ, computed with the projections that read the same x when there are some."""
+        if self.shared is not None:
+            return self.shared.take(self, x)
+        return down(x.to(self.A.dtype), [self.A], self.dropout_p, self.training)[0]
+
+    def _up(self, out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        # without dropout h = x·Aᵀ: backward recomputes it from x, which is kept anyway
+        exact = not (self.dropout_p > 0 and self.training) and x.dtype == self.A.dtype
+        return up(out, self._down(x), self.B, self.scaling, (x, self.A) if exact else None)
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+        if self.magnitude is None and out.dtype == self.A.dtype:
+            return self._up(out, x)
+        return super().add_to(out, x, base, base_out)
+
     def contribution(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.A.dtype)
         if self.magnitude is None:
-            return low_rank(x, self.A, self.B, self.scaling, self.dropout_p, self.training)
+            return self._up(None, x)
+        x = x.to(self.A.dtype)
         dropped = self.dropout(x)
         lora = F.linear(F.linear(dropped, self.A), self.B) * self.scaling
         norm = self._adapted_weight(base).norm(dim=1).detach()  # (out,) no gradient through the norm
@@ -181,7 +198,26 @@ def build(model: nn.Module, config: LoraConfig) -> Attachment:
         for site, module in iter_sites(model):
             if _own_bias(module) and site.split(".")[0] not in heads:
                 attachment.add(site, "bias", BiasShift(module))
+    _share_inputs(model, {site: slots["lora"] for site, slots in attachment.sites.items()
+                          if isinstance(slots.get("lora"), LoraLinear) and slots["lora"].magnitude is None})
     return attachment
+
+
+def _share_inputs(model: nn.Module, deltas: dict[str, LoraLinear]) -> None:
+    """Group the deltas at projections that read one input — query, key and value of an attention; the
+    FFN's input side within one module (gate and up) — so that they run as one (`SharedInput`)."""
+    try:
+        blocks = arch.blocks(model)
+    except TargetError:  # no transformer structure: every delta runs alone
+        return
+    for roles in blocks:
+        ffn_in = [n for n in roles.ffn_in if n.rpartition(".")[0] == roles.ffn]
+        for names in (roles.query + roles.key + roles.value, ffn_in):
+            members = [deltas[n] for n in names if n in deltas]
+            if len(members) > 1 and len({m.A.shape[1] for m in members}) == 1:
+                group = SharedInput(members)
+                for member in members:
+                    member.shared = group
 
 
 register(MethodSpec(

@@ -1,71 +1,140 @@
-"""LoRA's update ``s · B · A · dropout(x)`` as one autograd function that keeps little for backward.
+"""LoRA's update ``y + s · B · A · dropout(x)`` as two small autograd functions that keep little for
+backward and pass over large tensors as few times as they can.
 
-Plain autograd keeps, per adapted projection, the dropped input ``dropout(x)`` (a full copy of x), the
-dropout mask and ``h = A·dropout(x)``. This function keeps only x itself — one tensor however many
-sibling projections read it — and the seed of its dropout mask: backward draws the same mask again
-and recomputes the dropped input and h, cheap passes next to the layer's own matmuls.
+- `down` computes ``h = dropout(x) · Aᵀ`` for every projection that reads x at once (query, key and
+  value read the same hidden states: `SharedInput`), in one pass over x. It keeps x itself — one tensor
+  for all of them — and one dropout mask shared by them as booleans, never a dropped float copy of x;
+  the 1/keep scale goes on the small h. Its backward computes every A gradient and the gradient for x
+  in one pass each.
+- `up` adds ``s · h · Bᵀ`` to the layer's output with one ``addmm`` (no separate product tensor, no
+  second pass to add it), keeping only the small h, or nothing when h can be recomputed from x.
 
-The products are ordered the way CPU BLAS runs fast: a gradient of a skinny factor is computed as
-``(r, N)·(N, d)`` and transposed, never as ``(d, N)·(N, r)``.
+Plain autograd keeps, per adapted projection, a dropped copy of x, the mask and h, and reads x once per
+projection each way. Products are ordered the way CPU BLAS runs fast (contiguous skinny operands;
+gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask takes 16 random bits per entry,
+three entries per random int64: a quarter of the cost of ``bernoulli_`` on a CPU.
 
-Shapes: x (…, in), A (r, in), B (out, r) → (…, out). With the same mask it computes exactly what
-``F.linear(F.linear(x * mask / (1 - p), A), B) * s`` computes (tests/test_lora_kernel.py).
+Shapes: x (…, in), A (r, in), B (out, r), y (…, out). With the same mask they compute what
+``y + F.linear(F.linear(x * mask / keep, A), B) * s`` computes (tests/test_lora_kernel.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+_LEVELS = 1 << 16  # the keep probability in steps of 1/65536
 
-def _mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+
+def keep_levels(p: float) -> int:
+    """Of the 65,536 values a random 16-bit number takes, how many keep an entry: ``round((1 - p)·65536)``.
+    The kept share is then exact in steps of 1/65536, and the scale is its inverse."""
+    return round((1.0 - p) * _LEVELS)
+
+
+def _mask(x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """A keep-mask shaped like x, True with probability ``levels / 65536``, from 16 random bits per entry:
+    three entries from each random int64 (its top 16 bits are not all random, so they go unused)."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p, generator=generator)
+    words = torch.empty((x.numel() + 2) // 3, dtype=torch.int64, device=x.device).random_(generator=generator)
+    chunks = words.view(torch.int16).view(-1, 4)[:, :3]  # little-endian: the three low 16-bit chunks
+    return (chunks < levels - _LEVELS // 2).reshape(-1)[: x.numel()].view(x.shape)
 
 
-def _dropped(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    return x if mask is None else x * mask / (1.0 - p)
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
 
 
-class _LowRank(torch.autograd.Function):
+class _Down(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float,
-                seed: int | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, keep: float, seed: int | None, mask: torch.Tensor | None,
+                *As: torch.Tensor) -> torch.Tensor:
         if seed is not None:
-            mask = _mask(x, p, seed)
-        h = F.linear(_dropped(x, mask, p), A)  # (…, r)
-        ctx.save_for_backward(x, A, B, mask if seed is None else None)
-        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
-        return F.linear(h, B) * scaling
+            mask = _mask(x, round(keep * _LEVELS), seed)
+        ctx.save_for_backward(x, mask, *As)  # the mask as booleans: a quarter of a float copy of x
+        ctx.keep = keep
+        dropped = x if mask is None else x * mask
+        return F.linear(dropped, torch.cat(As)).mul_(1.0 / keep)  # (…, Σr): all in one pass; 1/keep on the small side
+
+    @staticmethod
+    def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mask, *As = ctx.saved_tensors
+        grad_h = grad_h / ctx.keep
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.linear(grad_h, torch.cat(As).T)
+            if mask is not None:
+                grad_x.mul_(mask)
+        dropped = x if mask is None else x * mask
+        grad_A = (_rows(grad_h).T @ _rows(dropped)).split([A.shape[0] for A in As])  # (Σr, N)·(N, in)
+        return grad_x, None, None, None, *grad_A
+
+
+class _Up(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
+                x: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+        # Without dropout h = x·Aᵀ is recomputed in backward from x (which `down` keeps anyway) rather than kept.
+        ctx.save_for_backward(*((x, A) if x is not None else (h,)), B)
+        ctx.scaling, ctx.has_y = scaling, y is not None
+        Bt = B.T.contiguous()  # (r, out)
+        if y is None:
+            return (_rows(h) @ Bt).mul_(scaling).view(*h.shape[:-1], B.shape[0])
+        return torch.addmm(_rows(y), _rows(h), Bt, alpha=scaling).view(y.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, A, B, mask = ctx.saved_tensors
-        if ctx.seed is not None:
-            mask = _mask(x, ctx.p, ctx.seed)
-        dropped = _dropped(x, mask, ctx.p)
-        grad_h = F.linear(grad, B.T) * ctx.scaling  # (…, r): the scale on the small side
-        flat_h = grad_h.reshape(-1, grad_h.shape[-1])  # (N, r)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[0]:
-            grad_x = F.linear(grad_h, A.T)
-            if mask is not None:
-                grad_x = grad_x * mask / (1.0 - ctx.p)
-        if ctx.needs_input_grad[1]:
-            grad_A = flat_h.T @ dropped.reshape(-1, dropped.shape[-1])  # (r, N)·(N, in)
-        if ctx.needs_input_grad[2]:
-            h = F.linear(dropped, A).reshape(-1, A.shape[0])  # recomputed: cheaper than keeping it
-            grad_B = (h.T @ grad.reshape(-1, grad.shape[-1])).T * ctx.scaling  # (r, N)·(N, out), transposed
-        return grad_x, grad_A, grad_B, None, None, None, None
+        *kept, B = ctx.saved_tensors
+        h = F.linear(kept[0], kept[1]) if len(kept) == 2 else kept[0]
+        grad_h = F.linear(grad, B.T.contiguous()) * ctx.scaling  # g·B with B's columns contiguous: the fast layout
+        grad_B = (_rows(h).T @ _rows(grad)).T * ctx.scaling  # (r, N)·(N, out), transposed
+        return (grad if ctx.has_y else None), grad_h, grad_B, None, None, None
 
 
-def low_rank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, p: float = 0.0,
-             training: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``scaling · B · A · dropout_p(x)``, with dropout only while `training`: a fresh Bernoulli mask
-    (its seed drawn from torch's generator, so ``torch.manual_seed`` fixes it), or `mask` (True = kept)."""
+def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: bool = False,
+         mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``dropout_p(x) · A_iᵀ`` for each A_i, in one pass, each result contiguous. Dropout only while
+    `training`: one fresh keep-mask for all (its seed drawn from torch's generator, so
+    ``torch.manual_seed`` fixes it; the kept share is `keep_levels`'s), or `mask` (True = kept)."""
     if not (p > 0 and training):
-        return _LowRank.apply(x, A, B, scaling, 0.0, None, None)
-    seed = None if mask is not None else int(torch.randint(0, 2**62, (1,)).item())
-    return _LowRank.apply(x, A, B, scaling, p, seed, mask)
+        keep, seed, mask = 1.0, None, None
+    elif mask is not None:
+        keep, seed = 1.0 - p, None
+    else:
+        keep, seed = keep_levels(p) / _LEVELS, int(torch.randint(0, 2**62, (1,)).item())
+    h = _Down.apply(x, keep, seed, mask, *As)
+    return [h_i.contiguous() for h_i in h.split([A.shape[0] for A in As], dim=-1)] if len(As) > 1 else [h]
+
+
+def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
+       source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``y + scaling · h · Bᵀ`` in one ``addmm`` (just the product when `y` is None). With `source` =
+    (x, A) such that h = x·Aᵀ exactly (no dropout), backward recomputes h from them instead of keeping it."""
+    x, A = source if source is not None else (None, None)
+    return _Up.apply(y, h, B, scaling, x, A)
+
+
+class SharedInput:
+    """The LoRA deltas of one adapter at projections that read the same input (an attention's query,
+    key and value; an MLP's gate and up): whichever runs first computes every member's h in one pass
+    (`down`), and each member adds its own (`up`). Identity decides "the same input": a member called
+    with another tensor recomputes for all, so grouping by structure can cost time, never correctness."""
+
+    def __init__(self, members: Sequence[Any]) -> None:
+        self.members = list(members)  # LoraLinear deltas: A, dropout_p, training
+        self._x: torch.Tensor | None = None
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def take(self, member: Any, x: torch.Tensor) -> torch.Tensor:
+        """`member`'s h for input `x`."""
+        if self._x is not x or id(member) not in self._pending:
+            first = self.members[0]
+            hs = down(x.to(first.A.dtype), [m.A for m in self.members], first.dropout_p, first.training)
+            self._x, self._pending = x, {id(m): h for m, h in zip(self.members, hs, strict=True)}
+        h = self._pending.pop(id(member))
+        if not self._pending:
+            self._x = None
+        return h
