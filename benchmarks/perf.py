@@ -118,7 +118,7 @@ def floor_step(bench: Bench) -> Callable[[], None]:
 
 def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)  # what peftkit's trainer uses, for both sides
 
     def step() -> None:
         model(**batch).loss.backward()

@@ -394,7 +394,7 @@ def test_train_flags_valid_forms(world, capsys, monkeypatch, tmp_path) -> None:
           "--early-stopping": 2, "--metric": "macro_f1", "--seed": 3, "--out": str(tmp_path / "o"),
           "--format": "hf-peft", "--threads": 1, "--num-labels": 3, "--calibration-batches": 2}
     switches = ["--probe-head", "--load-best", "--overwrite", "--eval-before", "--gradient-checkpointing",
-                "--no-group-by-length", "--no-progress"] + (["--tensorboard"] if _tensorboard_installed() else [])
+                "--no-group-by-length", "--no-progress", "--no-chunked-loss"] + (["--tensorboard"] if _tensorboard_installed() else [])
     argv = ["train", "--config", "job.yaml", "--print-config", "--json"]
     for flag, value in on.items():
         argv += [flag, str(value)]
@@ -410,7 +410,7 @@ def test_train_flags_valid_forms(world, capsys, monkeypatch, tmp_path) -> None:
         key = switch.removeprefix("--no-").removeprefix("--").replace("-", "_")
         assert shown[key] is (not switch.startswith("--no-")), key
     off = ["--no-probe-head", "--no-load-best", "--no-overwrite", "--no-eval-before", "--no-gradient-checkpointing",
-           "--group-by-length", "--progress", "--no-tensorboard"]
+           "--group-by-length", "--progress", "--no-tensorboard", "--chunked-loss"]
     resumed = ["train", "--resume", str(world["cls_run"]), "--print-config"]
     ran = run_cli(resumed + off, capsys)
     assert ran.rc == 0, ran.err

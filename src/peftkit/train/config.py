@@ -99,6 +99,8 @@ class TrainConfig:
     eval_before: bool | None = _field(None, "evaluate before training [for classification]")
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass: less memory, "
                                                  "more time")
+    chunked_loss: bool = _field(True, "for causal LMs, compute the loss over the vocabulary in chunks, never "
+                                      "holding all logits (much less memory); off: the model's own loss")
     group_by_length: bool = _field(True, "draw each batch from a length-sorted pool (less padding); "
                                          "--no-group-by-length for random batches")
     threads: int | None = _field(None, "torch CPU threads [torch's default]")

@@ -44,6 +44,7 @@ from .data import Encoded, Prepared
 from .distributed import Dist, all_sum, barrier, wrap
 from .log import RunLog
 from .metrics import classification_metrics, lm_metrics
+from .vocab_loss import VocabLoss
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
@@ -114,6 +115,34 @@ def _stop_signals(flag: list[bool]) -> Iterator[None]:
             signal.signal(s, h)
 
 
+def adamw(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with PyTorch's fused kernel where it has one for these parameters (CPU and CUDA floats):
+    one pass over all of them instead of several per tensor."""
+    try:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # another device or dtype: the default implementation
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def vocab_loss_for(model: torch.nn.Module, enc: Encoded, pad_id: int) -> VocabLoss | None:
+    """The chunked causal-LM loss for `model` on data `enc` (token-level labels), when the model's own
+    logits are its output projection's (checked on a sample); None otherwise."""
+    if not enc.per_token or len(enc) == 0:
+        return None
+    vocab = VocabLoss(model)
+    return vocab if vocab.usable and vocab.probe(model, collate(enc, [0], pad_id)) else None
+
+
+def model_loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor], vocab: VocabLoss | None, tuned: Any) -> torch.Tensor:
+    """The training loss of one batch: the model's own, or the chunked vocabulary loss plus the adapters'
+    regularisers (which a TunedModel adds to ``outputs.loss`` itself)."""
+    if vocab is None:
+        return model(**inputs).loss
+    _, loss = vocab.loss(model, inputs)
+    extra = tuned.regularization_loss() if tuned.training else None
+    return loss if extra is None else loss + extra
+
+
 def head_parameters(tuned: Any, adapter: str = "default") -> list[nn.Parameter]:
     """The trainable parameters of adapter `adapter`'s copy of the task head (e.g. ``classifier``)."""
     heads = {f"{site}.{COPY_SLOT}" for site in head_names(tuned.model)}
@@ -154,7 +183,7 @@ class Trainer:
         self.params = params
         groups = param_groups(tuned, params, adapter, cfg)
         self.peak_lrs = [g["lr"] for g in groups]  # from the config, so a resumed run follows its flags
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(groups, cfg.weight_decay)
         self.model = wrap(tuned, self.dist)
         self.pieces = cfg.grad_accum * self.dist.world
         self.global_batch = cfg.batch_size * self.pieces
@@ -171,6 +200,7 @@ class Trainer:
         self.last_checkpoint: tuple[Path, int] | None = None  # (folder, step) last written or resumed from
         self.pool = pool_batches(data.train.per_token)
         self.trim_logits = trims_logits(tuned, data.train)
+        self.vocab = vocab_loss_for(tuned, data.train, pad_id) if cfg.chunked_loss else None
         if n < self.pieces:
             raise PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
                                     "lower --batch-size / --grad-accum or add data.")
@@ -249,11 +279,10 @@ class Trainer:
                 inputs = answer_logits_only(inputs)
             sync = j == self.cfg.grad_accum - 1 or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                out = self.model(**inputs)
+                batch_loss = model_loss(self.model, inputs, self.vocab, self.tuned)
                 share = float(enc.units[index].sum()) / total_units
-                loss = out.loss * (share * self.dist.world)
-                loss.backward()
-            loss_sum += float(out.loss.detach()) * share
+                (batch_loss * (share * self.dist.world)).backward()
+            loss_sum += float(batch_loss.detach()) * share
             tokens += int(inputs["attention_mask"].sum())
         if self.cfg.max_grad_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
@@ -294,7 +323,7 @@ class Trainer:
         enc = enc if enc is not None else self.data.eval
         return evaluate(self.tuned, enc, self.data.task, num_labels=self.data.num_labels, pad_id=self.pad_id,
                         batch_size=self.cfg.eval_batch_size, dist=self.dist,
-                        progress=self.cfg.progress and self.dist.main)
+                        progress=self.cfg.progress and self.dist.main, chunked=self.cfg.chunked_loss)
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -402,10 +431,12 @@ def _eval_bar(batches: list[list[int]], show: bool) -> Any:
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labels: int | None, pad_id: int,
-             batch_size: int = 128, dist: Dist | None = None, progress: bool = False) -> dict[str, float]:
+             batch_size: int = 128, dist: Dist | None = None, progress: bool = False,
+             chunked: bool = True) -> dict[str, float]:
     """Held-out metrics of `model` on `enc`: accuracy, macro-F1 and loss for classification; loss
     and perplexity otherwise (`config.METRICS`). Length-sorted batches; with `dist`, each process
-    takes a share and the counts are summed. `progress`: a progress bar on stderr."""
+    takes a share and the counts are summed. `progress`: a progress bar on stderr. `chunked`: a causal
+    LM's loss in vocabulary chunks (`vocab_loss.py`)."""
     dist = dist or Dist()
     if enc is None or len(enc) == 0:
         return {}
@@ -415,13 +446,18 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
     confusion = torch.zeros(k, k, dtype=torch.float64)
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
     trim = trims_logits(model, enc)
+    vocab = vocab_loss_for(model, enc, pad_id) if chunked else None
     for index in _eval_bar(list(eval_batches(enc, batch_size, dist.rank, dist.world)), progress):
         inputs = {key: v.to(dist.device) for key, v in collate(enc, index, pad_id).items()}
         if trim:
             inputs = answer_logits_only(inputs)
-        out = model(**inputs)
+        if vocab is not None:
+            out, loss = vocab.loss(model, inputs)
+        else:
+            out = model(**inputs)
+            loss = out.loss
         units = float(enc.units[index].sum())
-        loss_sum += torch.tensor([float(out.loss) * units, units], dtype=torch.float64)
+        loss_sum += torch.tensor([float(loss) * units, units], dtype=torch.float64)
         if task == "classification":
             pred = out.logits.argmax(-1).cpu()
             confusion.index_put_((inputs["labels"].cpu(), pred), torch.ones(len(index), dtype=torch.float64),

@@ -1,0 +1,137 @@
+"""The causal-LM loss without the full logits: cross-entropy over a large vocabulary, chunk by chunk.
+
+A small LM's largest tensors in training are its logits: (tokens × vocabulary) in float32, kept for
+backward, plus their softmax gradient (SmolLM2-135M, 49,152 words: 200 MB for a batch of 4 × 256).
+Here the model stops at its last hidden states (the output projection is skipped), and the loss
+``mean over labelled positions of logsumexp(h·Wᵀ + b) − (h·Wᵀ + b)[label]`` is computed on chunks of
+rows; backward recomputes each chunk's logits from h and W. What is kept: h (tokens × hidden) and one
+log-sum-exp per row. The same loss and gradients as transformers' causal-LM loss (the labels shifted
+by one, −100 ignored, float32 logits), to float rounding.
+
+`VocabLoss.probe` decides per model: it compares the model's own logits with ``h·Wᵀ + b`` on a few
+tokens, so models that change their logits after the projection (soft-capping, scaling) keep the
+model's own loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+CHUNK_ELEMENTS = 1 << 24  # logits computed at once: 64 MiB in float32
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                labels: torch.Tensor, rows: int) -> torch.Tensor:
+        valid = labels != IGNORE
+        lse = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], rows):
+            logits = _logits(hidden[start:start + rows], weight, bias)  # (rows, V) float32
+            lse[start:start + rows] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, labels[start:start + rows].clamp(min=0).unsqueeze(1)).squeeze(1)
+            total += ((lse[start:start + rows] - picked) * valid[start:start + rows]).sum()
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, count)
+        ctx.rows = rows
+        return total / count
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, bias, labels, lse, count = ctx.saved_tensors
+        scale = (grad / count).to(torch.float32)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
+        for start in range(0, hidden.shape[0], ctx.rows):
+            h, y = hidden[start:start + ctx.rows], labels[start:start + ctx.rows]
+            probs = torch.exp(_logits(h, weight, bias) - lse[start:start + ctx.rows, None])  # softmax, recomputed
+            probs[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
+            probs *= (y != IGNORE).unsqueeze(1) * scale  # (rows, V): d loss / d logits
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.rows] = (probs @ weight.to(torch.float32)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += probs.T @ h.to(torch.float32)
+            if grad_bias is not None:
+                grad_bias += probs.sum(0)
+        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(hidden.to(torch.float32), weight.to(torch.float32), None if bias is None else bias.to(torch.float32))
+
+
+def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Transformers' causal-LM loss from the last hidden states (B, T, D) and the output projection
+    `head` (an ``nn.Linear``): position t predicts label t + 1, −100 ignored, mean over the rest."""
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = labels[:, 1:].reshape(-1).to(hidden.device)
+    rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows)
+
+
+class VocabLoss:
+    """Runs a causal LM up to its last hidden states and takes the chunked loss there."""
+
+    def __init__(self, model: nn.Module) -> None:
+        inner = getattr(model, "model", model)  # a TunedModel's transformers model
+        getter = getattr(inner, "get_output_embeddings", None)
+        self.head = getter() if callable(getter) else None
+
+    @property
+    def usable(self) -> bool:
+        return isinstance(self.head, nn.Linear)
+
+    @contextlib.contextmanager
+    def hidden_states(self) -> Iterator[list[torch.Tensor]]:
+        """Inside, the model's ``logits`` output holds the hidden states the head would have projected;
+        the list yielded receives them as the head saw them (virtual-token positions included)."""
+        seen: list[torch.Tensor] = []
+
+        def capture(_module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> torch.Tensor:
+            seen.append(args[0])
+            return args[0]
+
+        handle = self.head.register_forward_hook(capture)
+        try:
+            yield seen
+        finally:
+            handle.remove()
+
+    @torch.no_grad()
+    def probe(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether the model's logits are exactly ``head(hidden)`` on a slice of `batch` (so that the
+        chunked loss is the model's own); False for models that post-process their logits."""
+        if not self.usable:
+            return False
+        inputs = {k: v[:1, :16] for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(**inputs).logits
+            with self.hidden_states():
+                hidden = model(**inputs).logits
+        finally:
+            model.train(was_training)
+        return logits.shape == hidden.shape[:-1] + (self.head.out_features,) and torch.allclose(
+            logits.float(), self.head(hidden).float(), atol=1e-4, rtol=1e-4)
+
+    def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """(the model's outputs, with ``logits`` holding hidden states; the causal-LM loss)."""
+        labels = inputs["labels"]
+        with self.hidden_states() as seen:
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        hidden = seen[-1]
+        extra = hidden.shape[1] - labels.shape[1]  # virtual tokens before the text predict its first token too
+        if extra > 0:
+            labels = torch.cat([labels.new_full((labels.shape[0], extra), IGNORE), labels], dim=1)
+        return outputs, causal_lm_loss(hidden, self.head, labels)

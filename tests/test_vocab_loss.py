@@ -1,0 +1,65 @@
+"""The chunked causal-LM loss: the same loss and gradients as transformers' own, without the logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import BUILDERS
+
+import peftkit
+from peftkit.train import vocab_loss
+from peftkit.train.vocab_loss import VocabLoss
+
+
+def inputs(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (3, 12), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt that takes no loss
+    labels[2, -3:] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "prefix_tuning"])
+def test_same_loss_and_gradients_as_the_models_own(name, method, monkeypatch):
+    monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", 2 * 96)  # two rows per chunk: many chunks
+    runs = []
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        tuned = peftkit.attach(BUILDERS[name](), peftkit.config(method)).train()
+        batch = inputs(name)
+        vocab = VocabLoss(tuned)
+        assert vocab.probe(tuned, batch)
+        loss = vocab.loss(tuned, batch)[1] if chunked else tuned(**batch).loss
+        loss.backward()
+        runs.append([loss.detach(), *(p.grad for p in tuned.trainable_parameters())])
+    for ours, reference in zip(runs[1], runs[0], strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_that_changes_its_logits_keeps_its_own_loss():
+    model = BUILDERS["llama"]()
+    model.lm_head.register_forward_hook(lambda _m, _a, out: 30 * torch.tanh(out / 30))  # soft-capping
+    assert not VocabLoss(model).probe(model, inputs("llama"))
+
+
+def test_never_holds_the_logits():
+    """What backward keeps is the hidden states and a number per row, not tokens × vocabulary."""
+    hidden = torch.randn(2, 64, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 5000, bias=False).requires_grad_(False)
+    labels = torch.randint(0, 5000, (2, 64))
+    seen, kept = set(), 0
+
+    def pack(t):
+        nonlocal kept
+        if t.untyped_storage().data_ptr() not in seen and t is not head.weight:  # the weight is the model's own
+            seen.add(t.untyped_storage().data_ptr())
+            kept += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = vocab_loss.causal_lm_loss(hidden, head, labels)
+    loss.backward()
+    assert kept < hidden.numel() * 4 + 2 * 64 * 8 * 2 + 4096  # hidden, labels, a log-sum-exp per row
+    assert kept < 2 * 63 * 5000 * 4 / 10  # a tenth of the float32 logits
