@@ -43,3 +43,10 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fp32_unless_asked(monkeypatch: pytest.MonkeyPatch):
+    """``--precision auto`` means fp32 in tests on any machine (a CPU with AMX would pick bf16), so that
+    results compare across machines; tests of bf16 ask for it."""
+    monkeypatch.setattr("peftkit.train.precision.native_bf16", lambda device: False)

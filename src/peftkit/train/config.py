@@ -16,6 +16,7 @@ import yaml
 
 from ..core.config import type_problems
 from ..errors import ConfigError, did_you_mean, shown
+from .precision import PRECISIONS
 from .recipes import recipe
 
 TASKS = ("classification", "instruction", "lm")
@@ -99,6 +100,9 @@ class TrainConfig:
     eval_before: bool | None = _field(None, "evaluate before training [for classification]")
     gradient_checkpointing: bool = _field(False, "recompute activations in the backward pass: less memory, "
                                                  "more time")
+    precision: str = _field("auto", "fp32; bf16 (bfloat16 base weights and autocast; adapters in fp32); fp16 (CUDA "
+                                    "autocast with loss scaling); auto: bf16 where the device computes it natively, "
+                                    "else fp32", choices=PRECISIONS)
     chunked_loss: bool = _field(True, "for causal LMs, compute the loss over the vocabulary in chunks, never "
                                       "holding all logits (much less memory); off: the model's own loss")
     group_by_length: bool = _field(True, "draw each batch from a length-sorted pool (less padding); "

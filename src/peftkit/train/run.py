@@ -40,6 +40,8 @@ from .distributed import Dist, setup, teardown
 from .hf_logging import quiet_transformers
 from .log import RunLog
 from .output import check_writable
+from .precision import base_dtype
+from .precision import resolve as resolve_precision
 from .trainer import Trainer
 
 RUN_FILE = "run.json"
@@ -203,6 +205,8 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print,
     job = plan(cfg)
     dist = setup()
     try:
+        job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, precision=resolve_precision(
+            job.cfg.precision, dist.device)))
         return _train(job, dist, echo if dist.main else _quiet, warn if dist.main else _quiet)
     finally:
         teardown(dist)
@@ -249,7 +253,7 @@ def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.n
 
     quant = base_quantization(job.method_cfg, job.cfg.quantize)
     if not quant:
-        return models.load(job.model_path, job.task, num_labels, pad_id)
+        return models.load(job.model_path, job.task, num_labels, pad_id, dtype=base_dtype(job.cfg.precision))
     task = "classification" if job.task == "classification" else "causal-lm"
     extra = {"num_labels": num_labels or 2} if task == "classification" else {}
     with quiet_transformers():

@@ -44,6 +44,7 @@ from .data import Encoded, Prepared
 from .distributed import Dist, all_sum, barrier, wrap
 from .log import RunLog
 from .metrics import classification_metrics, lm_metrics
+from .precision import autocast, grad_scaler
 from .vocab_loss import VocabLoss
 
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -201,6 +202,7 @@ class Trainer:
         self.pool = pool_batches(data.train.per_token)
         self.trim_logits = trims_logits(tuned, data.train)
         self.vocab = vocab_loss_for(tuned, data.train, pad_id) if cfg.chunked_loss else None
+        self.scaler = grad_scaler(cfg.precision, self.device)
         if n < self.pieces:
             raise PeftkitError(f"only {n} training examples for {self.pieces} micro-batches per step; "
                                     "lower --batch-size / --grad-accum or add data.")
@@ -279,22 +281,36 @@ class Trainer:
                 inputs = answer_logits_only(inputs)
             sync = j == self.cfg.grad_accum - 1 or not self.dist.enabled
             with contextlib.nullcontext() if sync else self.model.no_sync():
-                batch_loss = model_loss(self.model, inputs, self.vocab, self.tuned)
+                with autocast(self.cfg.precision, self.device):
+                    batch_loss = model_loss(self.model, inputs, self.vocab, self.tuned)
                 share = float(enc.units[index].sum()) / total_units
-                (batch_loss * (share * self.dist.world)).backward()
+                scaled = batch_loss * (share * self.dist.world)
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(batch_loss.detach()) * share
             tokens += int(inputs["attention_mask"].sum())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
         if self.cfg.max_grad_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
         else:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+        overflow = self.scaler is not None and math.isfinite(loss_sum) and not math.isfinite(norm)
+        if overflow:  # fp16 loss scaling: the scaler skips this step and lowers its scale; not a divergence
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_sum, tokens * self.dist.world
         if self._any_process(not (math.isfinite(loss_sum) and math.isfinite(norm))):  # before the update: weights stay good
             what = f"loss became {loss_sum}" if not math.isfinite(loss_sum) else f"gradient norm became {norm}"
             raise Diverged(self._diverged(step, what), step + 1)
         factor = lr_factor(step, self.total_steps, self.warmup_steps, self.cfg.schedule)
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
             group["lr"] = peak * factor
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         finite = bool(torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all())
         if self._any_process(not finite):  # an update too large for the dtype: never saved
             raise Diverged(self._diverged(step, "weights became NaN or infinite after the update"), step + 1)
@@ -323,7 +339,8 @@ class Trainer:
         enc = enc if enc is not None else self.data.eval
         return evaluate(self.tuned, enc, self.data.task, num_labels=self.data.num_labels, pad_id=self.pad_id,
                         batch_size=self.cfg.eval_batch_size, dist=self.dist,
-                        progress=self.cfg.progress and self.dist.main, chunked=self.cfg.chunked_loss)
+                        progress=self.cfg.progress and self.dist.main, chunked=self.cfg.chunked_loss,
+                        precision=self.cfg.precision)
 
     def _better(self, value: float, best: float | None) -> bool:
         if best is None:
@@ -432,7 +449,7 @@ def _eval_bar(batches: list[list[int]], show: bool) -> Any:
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labels: int | None, pad_id: int,
              batch_size: int = 128, dist: Dist | None = None, progress: bool = False,
-             chunked: bool = True) -> dict[str, float]:
+             chunked: bool = True, precision: str = "fp32") -> dict[str, float]:
     """Held-out metrics of `model` on `enc`: accuracy, macro-F1 and loss for classification; loss
     and perplexity otherwise (`config.METRICS`). Length-sorted batches; with `dist`, each process
     takes a share and the counts are summed. `progress`: a progress bar on stderr. `chunked`: a causal
@@ -451,11 +468,12 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
         inputs = {key: v.to(dist.device) for key, v in collate(enc, index, pad_id).items()}
         if trim:
             inputs = answer_logits_only(inputs)
-        if vocab is not None:
-            out, loss = vocab.loss(model, inputs)
-        else:
-            out = model(**inputs)
-            loss = out.loss
+        with autocast(precision, dist.device):
+            if vocab is not None:
+                out, loss = vocab.loss(model, inputs)
+            else:
+                out = model(**inputs)
+                loss = out.loss
         units = float(enc.units[index].sum())
         loss_sum += torch.tensor([float(loss) * units, units], dtype=torch.float64)
         if task == "classification":

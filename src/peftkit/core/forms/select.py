@@ -12,6 +12,10 @@ from ..linear import is_quantized
 from ..protocol import Delta
 
 
+def _trained_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+
 class TrainableCopy(Delta):
     """A full trainable copy of the site's parameters; the base keeps its originals.
 
@@ -28,15 +32,17 @@ class TrainableCopy(Delta):
             raise TargetError(f"cannot train a full copy of a quantized {type(base).__name__}: its weight is stored "
                               "quantized and frozen. Adapt it with a delta method (lora, ia3, ...) instead, or "
                               "dequantize it first (peftkit.quant.dequantize).")
-        self.values = nn.ParameterDict(
-            {name.replace(".", "__"): nn.Parameter(p.detach().clone()) for name, p in base.named_parameters()}
+        self.values = nn.ParameterDict(  # float32 over a half-precision base: the trained copy is the master
+            {name.replace(".", "__"): nn.Parameter(p.detach().to(_trained_dtype(p)).clone())
+             for name, p in base.named_parameters()}
         )
 
     def _named_values(self) -> dict[str, torch.Tensor]:
         return {key.replace("__", "."): value for key, value in self.values.items()}
 
     def param_overrides(self, base: nn.Module) -> dict[str, torch.Tensor]:
-        return self._named_values()
+        params = dict(base.named_parameters())
+        return {name: value.to(params[name].dtype) for name, value in self._named_values().items()}
 
     def fold(self, base: nn.Module) -> None:
         params = dict(base.named_parameters())

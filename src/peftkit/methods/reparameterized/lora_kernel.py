@@ -62,13 +62,13 @@ class _Down(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, mask, *As = ctx.saved_tensors
-        grad_h = grad_h / ctx.keep
+        grad_h = grad_h.to(As[0].dtype) / ctx.keep  # under autocast the forward ran in half precision
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = F.linear(grad_h, torch.cat(As).T)
             if mask is not None:
                 grad_x.mul_(mask)
-        dropped = x if mask is None else x * mask
+        dropped = (x if mask is None else x * mask).to(grad_h.dtype)
         grad_A = (_rows(grad_h).T @ _rows(dropped)).split([A.shape[0] for A in As])  # (Σr, N)·(N, in)
         return grad_x, None, None, None, *grad_A
 
@@ -88,7 +88,8 @@ class _Up(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         *kept, B = ctx.saved_tensors
-        h = F.linear(kept[0], kept[1]) if len(kept) == 2 else kept[0]
+        grad = grad.to(B.dtype)  # under autocast the forward ran in half precision
+        h = (F.linear(kept[0].to(B.dtype), kept[1]) if len(kept) == 2 else kept[0]).to(B.dtype)
         grad_h = F.linear(grad, B.T.contiguous()) * ctx.scaling  # g·B with B's columns contiguous: the fast layout
         grad_B = (_rows(h).T @ _rows(grad)).T * ctx.scaling  # (r, N)·(N, out), transposed
         return (grad if ctx.has_y else None), grad_h, grad_B, None, None, None

@@ -1,0 +1,53 @@
+"""--precision: what each setting does to the base, the adapters and the loss, and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.train import precision
+from peftkit.train.config import TrainConfig
+from peftkit.train.run import train
+
+
+def test_auto_is_fp32_without_native_bf16_and_bf16_fp16_are_refused_where_slow():
+    cpu = torch.device("cpu")
+    assert precision.resolve("auto", cpu) == "fp32" and precision.resolve("fp32", cpu) == "fp32"
+    with pytest.raises(ConfigError, match="no native bfloat16"):
+        precision.resolve("bf16", cpu)
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        precision.resolve("fp16", cpu)
+
+
+def test_bf16_stores_the_base_in_bf16_trains_float32_adapters_and_loses_little(tmp_path, monkeypatch, bert_dir,
+                                                                                 sentiment_csv):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # as on a CPU with AMX
+    common = {"model": str(bert_dir), "data": str(sentiment_csv), "max_steps": 6, "progress": False,
+              "method": "lora", "seed": 0, "eval_before": False}
+    loaded = []
+    original = peftkit.train.run.models.load
+
+    def spy(*args, **kwargs):
+        loaded.append(kwargs.get("dtype"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(peftkit.train.run.models, "load", spy)
+    fp32 = train(TrainConfig(**common, precision="fp32", out=str(tmp_path / "a")), echo=lambda _s: None)
+    bf16 = train(TrainConfig(**common, precision="bf16", out=str(tmp_path / "b")), echo=lambda _s: None)
+    assert loaded == [None, torch.bfloat16]
+    assert abs(bf16["metrics"]["loss"] - fp32["metrics"]["loss"]) < 0.05 * fp32["metrics"]["loss"]
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "b" / "adapter" / "adapter.safetensors")).values()} == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("setting", ["bf16", "fp16"])
+def test_half_precision_training_on_cuda(tmp_path, setting, bert_dir, sentiment_csv):
+    if setting == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    result = train(TrainConfig(model=str(bert_dir), data=str(sentiment_csv), max_steps=6, progress=False,
+                               precision=setting, out=str(tmp_path / setting)), echo=lambda _s: None)
+    assert result["steps"] == 6 and torch.isfinite(torch.tensor(result["metrics"]["loss"]))
