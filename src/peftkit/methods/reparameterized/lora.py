@@ -119,11 +119,14 @@ class LoraLinear(Delta):
         return up(out, self._down(x), self.B, self.scaling, (x, self.A) if exact else None)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
-        if self.magnitude is None and out.dtype == self.A.dtype:
+        if self.magnitude is None and out.dtype == self.A.dtype and not torch.compiler.is_compiling():
             return self._up(out, x)
         return super().add_to(out, x, base, base_out)
 
     def contribution(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+        if self.magnitude is None and torch.compiler.is_compiling():
+            # the compiler fuses the plain expression itself; the eager kernel's state and RNG would break its graph
+            return F.linear(F.linear(self.dropout(x.to(self.A.dtype)), self.A), self.B) * self.scaling
         if self.magnitude is None:
             return self._up(None, x)
         x = x.to(self.A.dtype)
