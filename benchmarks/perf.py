@@ -14,6 +14,13 @@ Sections:
 - ``lora`` — peftkit against the ``peft`` package: r=8, alpha=16 on query/value with dropout 0.1 and 0,
   and on every linear layer (the trainer's default), step time over the floor and memory against peft.
 - ``methods`` — every registered method with its defaults: step time and memory over the floor.
+- ``peers`` — the methods `peft` also has (prompt tuning, prefix tuning, (IA)³) against `peft`'s.
+- ``checkpointing`` — every method with and without gradient checkpointing: memory and step time.
+- ``compile`` — ``torch.compile`` (inductor) against eager for LoRA, (IA)³, adapters, prefix tuning:
+  training step and inference, and how long the first compiled call took.
+- ``causal`` — the causal-LM loss in vocabulary chunks against the model's own (full logits), LoRA.
+- ``inference`` — latency of LoRA merged and unmerged against the base model, and one batch of 8
+  requests for 8 different adapters (routed per row) against the 8 run one by one.
 
 ``--quick`` runs tiny random models for one repeat: a smoke test of this script (tests run it), not a
 measurement. Batches: MiniLM 32×64, SmolLM2 4×256 (random tokens).
@@ -38,7 +45,7 @@ from _common import interleaved_median, saved_activation_bytes  # noqa: E402
 
 import peftkit  # noqa: E402
 
-SECTIONS = ("lora", "methods")
+SECTIONS = ("lora", "methods", "peers", "checkpointing", "compile", "causal", "inference")
 # Methods that need an option to exist at all; every other method runs with its defaults.
 REQUIRED = {"adalora": {"total_steps": 100}, "compose": {"parts": [{"method": "lora"}, {"method": "ln_tuning"}]}}
 
@@ -52,6 +59,7 @@ class Bench:
     batch: dict[str, torch.Tensor]
     causal: bool
     lora_targets: list[str] = field(default_factory=list)  # peft's names for the query/value projections
+    quick: bool = False
 
 
 def _random_batch(vocab: int, batch: int, length: int, causal: bool, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -86,7 +94,7 @@ def benches(names: list[str], quick: bool) -> list[Bench]:
             shape = (32, 64) if name == "minilm" else (4, 256)
         causal = name != "minilm"
         targets = ["query", "value"] if name == "minilm" else ["q_proj", "v_proj"]
-        out.append(Bench(name, make, _random_batch(vocab, *shape, causal), causal, targets))
+        out.append(Bench(name, make, _random_batch(vocab, *shape, causal), causal, targets, quick))
     return out
 
 
@@ -194,7 +202,153 @@ def _floor_memory(model: torch.nn.Module, bench: Bench) -> int:
     return memory(Floor(), {})
 
 
-RUNNERS = {"lora": section_lora, "methods": section_methods}
+def _attach(bench: Bench, method: str, **options: Any) -> peftkit.TunedModel:
+    tuned = peftkit.attach(bench.make(), peftkit.config(method, **{**REQUIRED.get(method, {}), **options}))
+    if tuned.needs_calibration:
+        tuned.calibrate([bench.batch])
+    return tuned.train()
+
+
+PEERS = {"prompt_tuning": ("PROMPT_TUNING", {"num_virtual_tokens": 20}),
+         "prefix_tuning": ("PREFIX_TUNING", {"num_virtual_tokens": 20}), "ia3": ("IA3", {})}
+
+
+def section_peers(bench: Bench, repeats: int) -> list[dict[str, Any]]:
+    import peft
+
+    rows = []
+    for method, (peer, options) in PEERS.items():
+        ours = _attach(bench, method, **options)
+        config = getattr(peft, {"PROMPT_TUNING": "PromptTuningConfig", "PREFIX_TUNING": "PrefixTuningConfig",
+                                "IA3": "IA3Config"}[peer])
+        theirs = peft.get_peft_model(bench.make(), config(task_type="CAUSAL_LM" if bench.causal else "SEQ_CLS",
+                                                          **options)).train()
+        try:
+            train_step(theirs, bench.batch)()
+        except Exception as err:  # noqa: BLE001 - a peer that cannot run this model is a finding, not a crash
+            rows.append({"model": bench.name, "method": method, "note": f"peft: {str(err)[:80]}"})
+            continue
+        times = interleaved_median({"floor": floor_step(bench), "peftkit": train_step(ours, bench.batch),
+                                    "peft": train_step(theirs, bench.batch)}, repeats=repeats)
+        rows.append({"model": bench.name, "method": method, "peftkit / floor": times["peftkit"] / times["floor"],
+                     "peft / floor": times["peft"] / times["floor"], "peftkit / peft (time)": times["peftkit"] / times["peft"],
+                     "peftkit / peft (memory)": memory(ours, bench.batch) / memory(theirs, bench.batch)})
+    return rows
+
+
+def section_checkpointing(bench: Bench, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for method in peftkit.methods():
+        try:
+            plain, checkpointed = _attach(bench, method), _attach(bench, method)
+        except peftkit.PeftkitError as err:
+            rows.append({"model": bench.name, "method": method, "note": str(err).split(";")[0][:80]})
+            continue
+        checkpointed.gradient_checkpointing_enable()
+        times = interleaved_median({"plain": train_step(plain, bench.batch),
+                                    "checkpointed": train_step(checkpointed, bench.batch)}, repeats=repeats)
+        rows.append({"model": bench.name, "method": method,
+                     "memory checkpointed / plain": memory(checkpointed, bench.batch) / memory(plain, bench.batch),
+                     "step checkpointed / plain": times["checkpointed"] / times["plain"],
+                     "memory plain (MB)": memory(plain, bench.batch) / 2**20})
+    return rows
+
+
+def _inference_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], **extra: Any) -> Callable[[], None]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def step() -> None:
+        with torch.no_grad():
+            model(**inputs, **extra)
+
+    return step
+
+
+COMPILED = (("lora", {}), ("ia3", {}), ("adapter", {}), ("prefix_tuning", {}))
+
+
+def section_compile(bench: Bench, repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for method, options in COMPILED[:1] if bench.quick else COMPILED:
+        torch._dynamo.reset()
+        eager, tuned = _attach(bench, method, **options), _attach(bench, method, **options)
+        compiled = torch.compile(tuned)
+        start = time.perf_counter()
+        train_step(compiled, bench.batch)()
+        first = time.perf_counter() - start
+        train = interleaved_median({"eager": train_step(eager, bench.batch),
+                                    "compiled": train_step(compiled, bench.batch)}, repeats=repeats)
+        eager.eval(), tuned.eval()
+        infer = interleaved_median({"eager": _inference_step(eager, bench.batch),
+                                    "compiled": _inference_step(compiled, bench.batch)}, repeats=repeats)
+        rows.append({"model": bench.name, "method": method, "train compiled / eager": train["compiled"] / train["eager"],
+                     "inference compiled / eager": infer["compiled"] / infer["eager"],
+                     "first compiled step (s)": first})
+    return rows
+
+
+def section_causal(bench: Bench, repeats: int) -> list[dict[str, Any]]:
+    if not bench.causal:
+        return []
+    from peftkit.train.vocab_loss import VocabLoss
+
+    tuned = _attach(bench, "lora")
+    vocab = VocabLoss(tuned)
+    assert vocab.usable and vocab.probe(tuned, bench.batch), "the chunked loss does not apply to this model"
+    theirs = peft_model(bench, "all-linear", 0.0).train()
+
+    def chunked() -> torch.Tensor:
+        return vocab.loss(tuned, bench.batch)[1]
+
+    def step(loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        return lambda: loss().backward()
+
+    times = interleaved_median({"own": step(lambda: tuned(**bench.batch).loss), "chunked": step(chunked),
+                                "peft": step(lambda: theirs(**bench.batch).loss)}, repeats=repeats)
+    saved = {"own": saved_activation_bytes(lambda: tuned(**bench.batch).loss), "chunked": saved_activation_bytes(chunked),
+             "peft": saved_activation_bytes(lambda: theirs(**bench.batch).loss)}
+    return [{"model": bench.name, "lora (all linear)": "chunked loss", "time / own loss": times["chunked"] / times["own"],
+             "time / peft": times["chunked"] / times["peft"], "saved / own loss": saved["chunked"] / saved["own"],
+             "saved / peft": saved["chunked"] / saved["peft"], "saved chunked (MB)": saved["chunked"] / 2**20,
+             "saved own (MB)": saved["own"] / 2**20}]
+
+
+def section_inference(bench: Bench, repeats: int) -> list[dict[str, Any]]:
+    def lora(model: torch.nn.Module, name: str = "default", seed: int = 0) -> peftkit.TunedModel:
+        torch.manual_seed(seed)
+        return peftkit.attach(model, peftkit.config("lora", r=8, alpha=16, targets=bench.lora_targets, init="random"),
+                              name=name)
+
+    base = bench.make().eval()
+    unmerged = lora(bench.make()).eval()
+    merged = lora(bench.make()).merge().eval()
+    latency = interleaved_median({"base": _inference_step(base, bench.batch), "merged": _inference_step(merged, bench.batch),
+                                  "unmerged": _inference_step(unmerged, bench.batch)}, repeats=repeats)
+    rows = [{"model": bench.name, "inference": "LoRA merged / base", "ratio": latency["merged"] / latency["base"]},
+            {"model": bench.name, "inference": "LoRA unmerged / base", "ratio": latency["unmerged"] / latency["base"]}]
+    names = [f"a{i}" for i in range(8)]
+    served = lora(bench.make(), names[0])
+    for i, name in enumerate(names[1:], 1):
+        lora(served, name, seed=i)
+    served.eval()
+    requests = {k: v.repeat(-(-8 // len(v)), *([1] * (v.dim() - 1)))[:8] for k, v in bench.batch.items() if k != "labels"}
+
+    def one_by_one() -> None:
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                served.activate(name)
+                served(**{k: v[i:i + 1] for k, v in requests.items()})
+
+    mixed = interleaved_median({"mixed": _inference_step(served, requests, adapter_names=names),
+                                "one by one": one_by_one}, repeats=repeats)
+    rows.append({"model": bench.name, "inference": "8 adapters, 8 requests: throughput mixed batch / one by one",
+                 "ratio": mixed["one by one"] / mixed["mixed"]})
+    return rows
+
+
+RUNNERS = {"lora": section_lora, "methods": section_methods, "peers": section_peers,
+           "checkpointing": section_checkpointing, "compile": section_compile, "causal": section_causal,
+           "inference": section_inference}
 
 
 # -- output -----------------------------------------------------------------------------------------------
