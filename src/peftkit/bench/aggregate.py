@@ -74,7 +74,9 @@ def rows(records: list[dict[str, Any]], base: dict[str, Any], order: list[str]) 
         r["vs_full"] = None if full is None or r["value_mean"] is None or full["value_mean"] is None else \
             r["value_mean"] - full["value_mean"]
         r["rss_vs_full"] = _ratio(r["peak_rss_bytes"], full["peak_rss_bytes"]) if full else None
-        r["forgetting_vs_full"] = _ratio(r["forgetting_mean"], full["forgetting_mean"]) if full else None
+        # a ratio only against a clear loss: full's forgetting near zero or negative would make it meaningless
+        forgot = full is not None and full["forgetting_mean"] is not None and full["forgetting_mean"] > 0
+        r["forgetting_vs_full"] = _ratio(r["forgetting_mean"], full["forgetting_mean"]) if forgot else None
     return out
 
 
@@ -107,7 +109,11 @@ def _bytes(n: float | None) -> str:
 
 
 def _x(v: float | None) -> str:
-    return "—" if v is None else (f"{v:.3g}×")
+    return "—" if v is None else f"{v + 0.0:.3g}×"  # + 0.0: no "-0×"
+
+
+def _secs(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3g} s"
 
 
 def markdown(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
@@ -123,7 +129,7 @@ def markdown(rows: list[dict[str, Any]], base: dict[str, Any]) -> str:
             f"| {_num(r['vs_full'], '+.4f')} | {_count(r['trainable'])} ({_count(r['trainable_without_head'])}) "
             f"| {_num(r['percent'], '.3g')} | {_bytes(r['adapter_bytes'])} | {_x(r['file_vs_model'])} "
             f"| {_bytes(r['peak_rss_bytes'])} | {_x(r['rss_vs_full'])} | {_bytes(r['saved_for_backward_bytes'])} "
-            f"| {_num(r['step_seconds'], '.3f')} s | {_num(r['wall_seconds'], '.0f')} s "
+            f"| {_secs(r['step_seconds'])} | {_secs(r['wall_seconds'])} "
             f"| {_pm(r['forgetting_mean'], r['forgetting_std'])} | {_x(r['forgetting_vs_full'])} |")
     f = base["forgetting"]
     lines += ["", f"Untrained model: {metric} {_num(base.get('value'))} on the held-out sample "

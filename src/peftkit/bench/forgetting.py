@@ -102,19 +102,24 @@ def build_probe(kind: str, tokenizer: Any, data: str | None, examples: int) -> P
 
 @torch.inference_mode()
 def _embed(model: Any, texts: list[list[int]], pad_id: int) -> torch.Tensor:
-    out = []
-    for start in range(0, len(texts), BATCH):
-        chunk = texts[start:start + BATCH]
-        width = max(len(t) for t in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, t in enumerate(chunk):
-            ids[row, :len(t)] = torch.tensor(t)
-            mask[row, :len(t)] = 1
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    """Unit-length mean-pooled last hidden states of `texts`, in their order (batched by length: little padding)."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = torch.empty(0)
+    for start in range(0, len(order), BATCH):
+        rows = order[start:start + BATCH]
+        width = max(len(texts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, i in enumerate(rows):
+            ids[row, :len(texts[i])] = torch.tensor(texts[i])
+            mask[row, :len(texts[i])] = 1
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]  # (B, T, H)
         m = mask.unsqueeze(-1).to(hidden.dtype)
-        out.append(torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).float())
-    return torch.cat(out)
+        pooled = torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1).float()  # (B, H)
+        if not out.numel():
+            out = torch.empty(len(texts), pooled.shape[-1])
+        out[rows] = pooled
+    return out
 
 
 def measure(model: Any, probe: Probe, pad_id: int) -> float:

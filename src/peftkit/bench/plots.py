@@ -30,6 +30,13 @@ def pareto(points: list[tuple[float, float]], lower_is_better: bool) -> list[int
     return front
 
 
+def available() -> bool:
+    """Whether matplotlib is installed (it is optional: without it the bench writes no plots)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _save(fig: Any, path: Path) -> str:
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")

@@ -65,16 +65,16 @@ def make_plan(settings: BenchSettings, preset: str = "quick", methods: list[str]
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}.")
     chosen: Preset = PRESETS[preset]
-    settings = dataclasses.replace(
-        settings, max_eval_examples=settings.max_eval_examples or chosen.max_eval_examples,
-        forgetting_examples=settings.forgetting_examples or chosen.forgetting_examples)
+    settings = dataclasses.replace(settings, max_eval_examples=settings.max_eval_examples or chosen.max_eval_examples)
     job = plan(settings.train_config(method="lora"))
+    kind = forgetting.kind_for(job.task)
+    settings = dataclasses.replace(settings,
+                                   forgetting_examples=settings.forgetting_examples or chosen.forgetting_examples[kind])
     tok = models.tokenizer(job.model_path)
     prepared = data_mod.prepare(job.cfg, tok, job.task, job.source, job.eval_source)
     steps = settings.max_steps or chosen.max_steps or math.ceil(len(prepared.train) / job.cfg.batch_size)
     settings = dataclasses.replace(settings, max_steps=steps)
     causal = models.is_causal(job.model_path)
-    kind = forgetting.kind_for(job.task)
     default_probe = settings.forgetting_data or forgetting.DEFAULT_DATA[kind]
     if default_probe == settings.data:
         raise ConfigError(f"forgetting is measured on data the task does not train on, and the task's data is "
@@ -237,7 +237,11 @@ def run_bench(plan: BenchPlan, out: str | Path, *, progress: bool = True, isolat
     records = [r for r in (record.load_record(record.record_path(out, s, seed)) for s, seed in runs) if r]
     rows = aggregate.rows(records, base, [s.label for s in plan.specs])
     files = aggregate.write(out, rows, base, plan)
-    files.update(plots.write(out / "plots", rows, base))
+    if plots.available():
+        files.update(plots.write(out / "plots", rows, base))
+    else:
+        (warn or echo)("matplotlib is not installed, so no plots were drawn; pip install matplotlib, then run the "
+                       "same command again (finished runs are kept) to draw them.")
     return {"out": str(out), "continued": continued, "task": plan.task, "settings": plan.settings.to_dict(),
             "entries": [s.label for s in plan.specs], "seeds": plan.seeds, "base": base, "rows": rows,
             "records": len(records), "runs": len(runs), "failed": failures, "files": files, "environment": env,

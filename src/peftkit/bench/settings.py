@@ -12,8 +12,8 @@ from typing import Any
 
 from ..train.config import TrainConfig
 
-DATA_FIELDS = ("model", "data", "eval_data", "task", "text_field", "label_field", "prompt_field", "response_field",
-               "max_length", "batch_size")
+DATA_FIELDS = ("model", "data", "eval_data", "eval_fraction", "task", "text_field", "label_field", "prompt_field",
+               "response_field", "max_length", "batch_size", "precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +26,7 @@ class BenchSettings:
     model: str = "minilm"
     data: str = "rotten-tomatoes"
     eval_data: str | None = None
+    eval_fraction: float = 0.1
     task: str | None = None
     text_field: str | None = None
     label_field: str | None = None
@@ -33,6 +34,7 @@ class BenchSettings:
     response_field: str | None = None
     max_length: int | None = None
     batch_size: int | None = None
+    precision: str = "auto"
     max_steps: int | None = None  # the budget fields are filled by `runner.make_plan` (flag, else preset)
     max_eval_examples: int | None = None
     forgetting_data: str | None = None

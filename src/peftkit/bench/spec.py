@@ -84,7 +84,7 @@ def parse_entry(text: str) -> RunSpec:
         options = parse_options(opts) if opts.strip() else {}
     except ConfigError as err:
         raise ConfigError(f"--methods {text}: {err}") from None
-    train = {k: options.pop(k) for k in TRAIN_KEYS if k in options}
+    train = {k: _number(options.pop(k)) for k in TRAIN_KEYS if k in options}
     for key, value in train.items():
         if not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
             raise ConfigError(f"--methods {text}: {key} must be a number > 0, got {value!r}.")
@@ -100,6 +100,16 @@ def parse_entry(text: str) -> RunSpec:
             raise ConfigError(f"--methods {text}: {err}") from None
     label = {v: k for k, v in TRAINED_BASELINES.items()}.get(name, name) + (f":{opts.strip()}" if opts.strip() else "")
     return RunSpec(label, method, options, train)
+
+
+def _number(value: Any) -> Any:
+    """A rate written ``1e-3`` (which YAML reads as text) as the number it is; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_prompted(text: str, method: str, options: dict[str, Any], train: dict[str, Any]) -> None:

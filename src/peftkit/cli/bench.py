@@ -18,8 +18,8 @@ from .train import config_flag
 
 EXAMPLE = ("peftkit bench --preset quick\n  peftkit bench --model smollm2 --task instruction --data chatterbot\n"
            "  peftkit bench --methods lora:r=16 sparse_adapter:sparsity=0.8 full head-only --seeds 3 --max-steps 300")
-SHARED = ("model", "data", "eval_data", "task", "text_field", "label_field", "prompt_field", "response_field",
-          "max_length", "batch_size", "threads")
+SHARED = ("model", "data", "eval_data", "eval_fraction", "task", "text_field", "label_field", "prompt_field",
+          "response_field", "max_length", "batch_size", "precision", "threads")
 
 
 def add_parser(subs: Any) -> None:
@@ -29,14 +29,14 @@ def add_parser(subs: Any) -> None:
                                   "quality, size, memory, time and forgetting, over seeds", EXAMPLE)
     p.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick: one method per family + full + head-only (+ zero-/few-shot for a causal LM), 2 seeds, "
-                        "150 steps each; all: every registered method and baseline, 3 seeds, one epoch each [quick]")
+                        "120 steps each; all: every registered method and baseline, 3 seeds, one epoch each [quick]")
     p.add_argument("--methods", nargs="+", metavar="ENTRY",
                    help="entries instead of the preset's: registered methods with options (lora, lora:r=16,alpha=32, "
                         "sparse_adapter:sparsity=0.8; lr= and head_lr= set the run's rates) and the baselines full, "
                         "head-only, zero-shot, few-shot[:k=N]; separate arguments or comma-separated")
     p.add_argument("--seeds", type=POSITIVE_INT, metavar="N", help="seeds per entry [the preset's: quick 2, all 3]")
     p.add_argument("--max-steps", type=POSITIVE_INT, metavar="N",
-                   help="each training run's optimizer steps [the preset's: quick 150, all one epoch]")
+                   help="each training run's optimizer steps [the preset's: quick 120, all one epoch]")
     p.add_argument("--max-eval-examples", type=POSITIVE_INT, metavar="N",
                    help="score every run on a fixed sample of N held-out examples [the preset's: quick 1000, all every one]")
     p.add_argument("--forgetting-data", metavar="DATA",
@@ -44,7 +44,7 @@ def add_parser(subs: Any) -> None:
                         "language model's perplexity [chatterbot; hamlet]")
     p.add_argument("--forgetting-examples", type=POSITIVE_INT, metavar="N",
                    help="pairs (retrieval) or 128-token blocks (perplexity) forgetting is measured on [the preset's: "
-                        "quick 500, all 1000]")
+                        "quick 500 pairs / 64 blocks, all 1000 / 256]")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name in SHARED:
         config_flag(p, fields[name])
