@@ -78,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         doc = run_bench(plan, out, progress=args.progress, echo=lambda s: print(s, flush=True), warn=warn)
     except KeyboardInterrupt:
-        print(f"peftkit: interrupted; finished runs are kept in {out}: run the same command again to continue.",
-              file=sys.stderr, flush=True)
+        message = f"interrupted; finished runs are kept in {out}: run the same command again to continue."
+        print(f"peftkit: {message}", file=sys.stderr, flush=True)
+        if args.json:
+            emit_json({"error": {"type": "Interrupted", "message": message}})
         return 130
     files = doc["files"]
     print(doc["table"], flush=True)
