@@ -113,14 +113,14 @@ def test_prompted_classification_scores_label_names_by_likelihood(tmp_path, llam
 # -- stop and continue ---------------------------------------------------------------------------------------
 def test_interrupted_bench_continues_without_repeating_finished_runs(tmp_path, bert_dir, sentiment_csv, chat_jsonl,
                                                                      monkeypatch):
-    plan = make_plan(_settings(bert_dir, sentiment_csv, chat_jsonl), methods=["head-only", "bitfit"], seeds=2)
+    plan = make_plan(_settings(bert_dir, sentiment_csv, chat_jsonl), methods=["head-only", "bitfit:biases=all"], seeds=1)
     out = tmp_path / "b"
     real = worker_mod.execute
     calls: list[str] = []
 
     def stop_after_two(job):
         calls.append(job["kind"] + ":" + (job.get("spec") or {}).get("label", "") + f":{job['seed']}")
-        if len(calls) == 3:  # base, head-only seed 0, then Ctrl-C during head-only seed 1
+        if len(calls) == 3:  # base, head-only, then Ctrl-C during bitfit
             raise KeyboardInterrupt
         return real(job)
 
@@ -133,31 +133,65 @@ def test_interrupted_bench_continues_without_repeating_finished_runs(tmp_path, b
     calls.clear()
     monkeypatch.setattr(worker_mod, "execute", lambda job: calls.append(job["kind"]) or real(job))
     doc = run_bench(plan, out, progress=False, isolated=False, echo=lambda s: None)
-    assert calls == ["run", "run", "run"]  # head-only seed 1, bitfit seeds 0 and 1: not the base, not seed 0
+    assert calls == ["run"]  # bitfit only: not the base, not head-only
     assert (out / "records" / "head-only-seed0.json").stat().st_mtime_ns == done["head-only-seed0.json"]
-    assert doc["continued"] and doc["records"] == 4 and len(list((out / "records").iterdir())) == 4
+    assert doc["continued"] and doc["records"] == 2 and len(list((out / "records").iterdir())) == 2
 
     calls.clear()  # a third time: everything is done, only the aggregate is written again
-    assert run_bench(plan, out, progress=False, isolated=False, echo=lambda s: None)["records"] == 4
+    assert run_bench(plan, out, progress=False, isolated=False, echo=lambda s: None)["records"] == 2
     assert calls == []
 
 
-def test_cli_runs_each_job_in_its_own_process_and_refuses_other_settings(tmp_path, bert_dir, sentiment_csv,
-                                                                          chat_jsonl, capsys):
+def test_a_run_stopped_while_it_is_measured_is_not_trained_again(tmp_path, bert_dir, sentiment_csv, chat_jsonl,
+                                                                 monkeypatch):
+    plan = make_plan(_settings(bert_dir, sentiment_csv, chat_jsonl), methods=["lora"], seeds=1)
+    real_measure, real_train = forgetting.measure, worker_mod.train
+    measured, trained = [], []
+
+    def stop_measuring_the_run(model, probe, pad_id):
+        measured.append(1)
+        if len(measured) == 2:  # the first is the base model's
+            raise KeyboardInterrupt
+        return real_measure(model, probe, pad_id)
+
+    monkeypatch.setattr(forgetting, "measure", stop_measuring_the_run)
+    monkeypatch.setattr(worker_mod, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(plan, tmp_path / "b", progress=False, isolated=False, echo=lambda s: None)
+    assert trained == [1] and not (tmp_path / "b" / "records").exists()
+    monkeypatch.setattr(forgetting, "measure", real_measure)
+    doc = run_bench(plan, tmp_path / "b", progress=False, isolated=False, echo=lambda s: None)
+    assert trained == [1] and doc["records"] == 1  # measured from the saved adapter, not trained twice
+
+
+def test_cli_writes_a_bench_and_refuses_one_with_other_settings(tmp_path, bert_dir, sentiment_csv, chat_jsonl,
+                                                                capsys):
     out = tmp_path / "cli"
     argv = ["bench", "--model", str(bert_dir), "--data", str(sentiment_csv), "--forgetting-data", str(chat_jsonl),
             "--forgetting-examples", "4", "--methods", "head-only", "--seeds", "1", "--batch-size", "8", "--out",
-            str(out), "--threads", "1", "--no-progress"]
+            str(out), "--threads", "1", "--no-progress", "--no-isolate"]
     assert cli.main([*argv, "--max-steps", "1", "--json"]) == 0
-    doc = _json_tail(capsys)
-    record = json.loads((out / "records" / "head-only-seed0.json").read_text())
-    assert doc["records"] == 1 and record["rss_scope"] == "run" and doc["rows"][0]["label"] == "head-only"
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out.strip().splitlines()[-1])
+    assert doc["records"] == 1 and doc["rows"][0]["label"] == "head-only" and captured.err == ""
+    assert "| head-only | baseline | 1 |" in captured.out
 
     assert cli.main([*argv, "--max-steps", "2", "--json"]) == 1  # another step budget: another bench
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "holds a bench with other settings (max_steps: 1 there, 2 now)" in err[0]
     assert json.loads(captured.out.strip().splitlines()[-1])["error"]["type"] == "BenchError"
+
+
+def test_a_run_in_its_own_process_reports_its_error_and_the_bench_goes_on(tmp_path, bert_dir, sentiment_csv,
+                                                                          chat_jsonl):
+    from peftkit.bench import runner
+
+    plan = make_plan(_settings(bert_dir, sentiment_csv, chat_jsonl), methods=["head-only"], seeds=1)
+    job = runner._job(plan, tmp_path, "run", plan.specs[0], 0)  # no base.json yet: the worker refuses
+    with pytest.raises(runner.RunFailed, match="base.json is missing"):
+        runner._execute({**job, "base": str(tmp_path / "base.json")}, isolated=True)
+    assert worker_mod.main([json.dumps(job)]) == 1
 
 
 # -- bad arguments: one line each, nothing written ----------------------------------------------------------

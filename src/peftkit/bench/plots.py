@@ -105,7 +105,7 @@ def write(folder: Path, rows: list[dict[str, Any]], base: dict[str, Any]) -> dic
         ax.barh(labels, [(r[key] or 0) / scale for r in rows])
         ax.set_title(title, fontsize=10)
     axes[0].invert_yaxis()  # the first entry on top (the axes share it)
-    fig.suptitle("Training cost per method")
+    fig.suptitle("Training cost per method", y=1.03)
     files["cost"] = _save(fig, folder / "cost.png")
     plt.close(fig)
     return files

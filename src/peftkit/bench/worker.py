@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..core.atomic import write_json
 from ..train import data as data_mod
 from ..train import models
 from ..train.checkpoint import STATE, CheckpointError, read
@@ -23,9 +24,11 @@ from ..train.config import TrainConfig
 from ..train.run import plan, train
 from ..version import __version__
 from . import forgetting, memory, prompted
-from .record import read_json, save_record
+from .record import BenchError, read_json, save_record
 from .settings import BenchSettings
 from .spec import RunSpec
+
+TRAINED = "bench-train.json"  # in a run's folder: its training result, written when training ends
 
 
 def _quiet(_message: str) -> None:
@@ -92,14 +95,22 @@ def trained_job(settings: BenchSettings, spec: RunSpec, seed: int, folder: Path,
     from ..core.loading import load
 
     t0 = time.perf_counter()
-    restart = _restart(folder)
+    trained = read_json(folder / TRAINED)
+    if not (folder / "adapter").is_dir():
+        trained = None
+    restart = _restart(folder) if trained is None else {}
     options = dict(spec.options)
     cfg = settings.train_config(method=spec.method, method_options=options or None, seed=seed, out=str(folder),
                                 eval_before=False, progress=progress, **spec.train, **restart)
-    notes: list[str] = []
-    result = train(cfg, echo=_quiet, warn=notes.append)
-    peak_rss = memory.peak_rss_bytes()
-    wall = time.perf_counter() - t0
+    if trained is None:
+        notes: list[str] = []
+        result = train(cfg, echo=_quiet, warn=notes.append)
+        trained = {"result": result, "peak_rss_bytes": memory.peak_rss_bytes(), "resumed": "resume" in restart,
+                   "wall_seconds": round(time.perf_counter() - t0, 3), "notes": notes + result.get("notes", [])}
+        # a bench stopped while this run is measured measures it again next time, without training it again
+        write_json(folder / TRAINED, trained, default=str)
+    result, peak_rss, wall = trained["result"], trained["peak_rss_bytes"], trained["wall_seconds"]
+    t1 = time.perf_counter()
     job, tok, prepared = _setup(dataclasses.replace(cfg, resume=None, overwrite=False))
     model = models.load(job.model_path, job.task, prepared.num_labels, tok.pad_token_id)
     if job.cfg.base_dropout is not None:
@@ -121,10 +132,11 @@ def trained_job(settings: BenchSettings, spec: RunSpec, seed: int, folder: Path,
         "adapter_bytes": result["adapter_bytes"],
         "memory": {"peak_rss_bytes": peak_rss, "saved_for_backward_bytes": saved},
         "time": {"steps": result["steps"], "train_seconds": result["train_seconds"],
-                 "step_seconds": result["train_seconds"] / steps, "wall_seconds": round(wall, 3)},
+                 "step_seconds": result["train_seconds"] / steps,
+                 "wall_seconds": round(wall + time.perf_counter() - t1, 3)},
         "forgetting": _forgetting(base, after),
-        "resumed": "resume" in restart, "lr": job.cfg.lr, "notes": notes + result.get("notes", []),
-        "measure_seconds": round(time.perf_counter() - t0 - wall, 3),
+        "resumed": trained["resumed"], "lr": job.cfg.lr, "notes": trained["notes"],
+        "measure_seconds": round(time.perf_counter() - t1, 3),
     }
 
 
@@ -170,7 +182,7 @@ def execute(job: dict[str, Any]) -> dict[str, Any]:
         spec = RunSpec(**job["spec"])
         base = read_json(Path(job["base"]))
         if base is None:
-            raise RuntimeError(f"{job['base']} is missing: the base job runs first")
+            raise BenchError(f"{job['base']} is missing: the base job runs first; run the bench again.")
         seed, progress = job["seed"], job["progress"]
         if spec.prompted:
             doc = prompted_job(settings, spec, seed, base, progress)

@@ -52,6 +52,9 @@ def add_parser(subs: Any) -> None:
                                  "same settings is continued, one with other settings refused")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show the running method and seed with an ETA, and the training bar, on stderr [on]")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run each (method, seed) in a fresh process, so its peak memory is its own and a crash stops "
+                        "only that run; --no-isolate runs them all in this process (quicker to start) [on]")
     p.set_defaults(run=run)
 
 
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(settings, args.preset, methods, getattr(args, "seeds", None))
     out = Path(args.out) if getattr(args, "out", None) else _default_out(settings, args.preset, bool(methods))
     try:
-        doc = run_bench(plan, out, progress=args.progress, echo=lambda s: print(s, flush=True), warn=warn)
+        doc = run_bench(plan, out, progress=args.progress, isolated=args.isolate, echo=lambda s: print(s, flush=True), warn=warn)
     except KeyboardInterrupt:
         message = f"interrupted; finished runs are kept in {out}: run the same command again to continue."
         print(f"peftkit: {message}", file=sys.stderr, flush=True)
