@@ -38,6 +38,7 @@ VARIANTS: dict[str, list[dict]] = {
 # Methods that support only some of the transformer models (BitFit: Llama has no bias terms).
 MODELS: dict[str, tuple[str, ...]] = {
     "bitfit": ("bert", "gpt2"),
+    "head_only": ("bert",),  # only a classifier has a task head; language models are refused (test_partial.py)
     # qlora quantizes the base when it attaches, so these checks' full-precision reference does not
     # apply; tests/test_quant_methods.py runs the same checks against the quantized base.
     "qlora": (),

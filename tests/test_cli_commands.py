@@ -103,7 +103,7 @@ def test_methods_lists_registered(capsys) -> None:
     assert "Base dropout 0." in next(line for line in capsys.readouterr().out.splitlines() if line.startswith("p_tuning"))
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "info", "methods"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "info", "methods", "bench"])
 def test_every_command_has_help_with_example(command, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         cli.main([command, "--help"])

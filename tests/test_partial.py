@@ -125,3 +125,60 @@ def test_ln_tuning_reads_and_writes_peft_files_exactly(model_name, tmp_path):
 
     again = PeftModel.from_pretrained(BUILDERS[model_name](), tmp_path / "back").eval()
     assert torch.equal(_run(again, inputs), expected)
+
+
+# -- the two ends of the family: full fine-tuning and head only ------------------------------------------
+def _grads_by_weight(tuned) -> dict[str, torch.Tensor]:
+    """Each trained copy's gradient under the name of the model weight it copies."""
+    out = {}
+    for prefix, delta in tuned.deltas("default"):
+        site = prefix.rsplit(".", 1)[0]
+        for name, p in delta.named_parameters():
+            out[f"{site}.{name.removeprefix('values.').replace('__', '.')}"] = p.grad
+    return out
+
+
+@pytest.mark.parametrize("model_name", ["bert", "llama", "gpt2"])
+def test_full_trains_every_weight_as_plain_fine_tuning_does(model_name):
+    """Every weight has a trainable copy, counted once, and one backward gives the plain model's
+    gradients exactly: the tied output projection of Llama / GPT-2 trains the embedding's copy."""
+    import copy
+
+    from models import loss_of
+
+    model = BUILDERS[model_name]()
+    plain = copy.deepcopy(model).train()
+    inputs = batch(model_name)
+    tuned = peftkit.attach(model, peftkit.config("full")).train()
+    assert tuned.summary().trainable == sum(p.numel() for p in plain.parameters())
+    loss_of(tuned(**inputs)).backward()
+    loss_of(plain(**inputs)).backward()
+    grads = _grads_by_weight(tuned)
+    expected = {n: p.grad for n, p in plain.named_parameters()}
+    assert set(expected) <= set(grads)
+    for name, grad in expected.items():
+        assert torch.allclose(grads[name], grad, atol=1e-6), name
+
+
+def test_full_keeps_tied_weights_tied_through_save_and_load(tmp_path):
+    tuned = peftkit.attach(BUILDERS["llama"](), peftkit.config("full"))
+    with torch.no_grad():
+        tuned.model.model.embed_tokens.deltas["default"]["full"].values["weight"].add_(0.5)
+    inputs = batch("llama")
+    tuned.save(tmp_path / "a")
+    keys = set(load_file(tmp_path / "a" / "adapter.safetensors"))
+    assert not any(k.startswith("lm_head") for k in keys)  # stored once, by the embedding
+    loaded = peftkit.load(BUILDERS["llama"](), tmp_path / "a")
+    assert torch.equal(_run(loaded, inputs), _run(tuned, inputs))
+    assert not torch.equal(_run(loaded, inputs), _run(BUILDERS["llama"](), inputs))
+
+
+def test_head_only_trains_the_head_and_refuses_models_without_one():
+    tuned = peftkit.attach(BUILDERS["bert"](), peftkit.config("head_only"))
+    summary = tuned.summary()
+    assert summary.trainable == summary.head_trainable > 0
+    assert set(tuned.sites("default")) == {"classifier"}
+    with pytest.raises(peftkit.errors.TargetError, match="no.*task head|has none"):
+        peftkit.attach(BUILDERS["llama"](), peftkit.config("head_only"))
+    with pytest.raises(peftkit.errors.TargetError, match="trains nothing"):
+        peftkit.attach(BUILDERS["bert"](), peftkit.config("head_only", trainable_modules=None))

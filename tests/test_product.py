@@ -359,7 +359,7 @@ def test_every_setting_is_a_flag_with_help() -> None:
         assert field.metadata.get("help", "").strip(), field.name
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "info", "methods"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "merge", "info", "methods", "bench"])
 def test_every_option_has_help(command) -> None:
     for action in _subparsers()[command]._actions:
         assert action.help and action.help != argparse.SUPPRESS and action.help.strip(), action.dest

@@ -20,6 +20,8 @@ OPTIONS = {"adalora": {"total_steps": 20}, "compose": {"parts": [{"method": "lor
 REFUSES = {
     "bitfit": "no bias term",  # Llama has no biases at all (a data fact, not a quantization one)
     "layer_tuning": "quantized",  # trains full weight copies, and quantized weights are frozen storage
+    "full": "quantized",  # the same, for every weight
+    "head_only": "no task head|has none",  # a causal LM has no task head to train
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``peftkit`` command line: train, eval, generate, merge, info, methods — one module each.
+"""The ``peftkit`` command line: train, eval, generate, merge, info, methods, bench — one module each.
 
 Every command has ``--help`` with an example; ``--json`` prints one JSON object as the last line
 of stdout. Every failure is one line on stderr (and, under ``--json``, ``{"error": {"type": ...,
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 
 from ..errors import PeftkitError
 from ..version import __version__
-from . import evaluate, generate, info, merge, methods, train
+from . import bench, evaluate, generate, info, merge, methods, train
 from .common import PeftkitParser, UsageError, emit_json, one_line, unknown_argument
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
-COMMANDS = (train, evaluate, generate, merge, info, methods)
+COMMANDS = (train, evaluate, generate, merge, info, methods, bench)
 
 
 def build_parser() -> PeftkitParser:

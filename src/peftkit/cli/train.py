@@ -18,7 +18,8 @@ from .common import emit_json, subcommand, warn
 EXAMPLE = "peftkit train --method lora --method-options r=16,targets=[query,value] --epochs 2 --out runs/rt"
 
 
-def _flag(p: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+def config_flag(p: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """The flag of TrainConfig field `field` (``--batch-size``), with its help, type and choices."""
     kind, meta = str(field.type), field.metadata
     help_ = meta["help"]
     options: dict[str, Any] = {"dest": field.name}
@@ -45,7 +46,7 @@ def add_parser(subs: Any) -> None:
     p.add_argument("--print-config", action="store_true", default=False,
                    help="print the settings as the run would use them (defaults resolved) as YAML, and exit")
     for field in dataclasses.fields(TrainConfig):
-        _flag(p, field)
+        config_flag(p, field)
     p.set_defaults(run=run)
 
 

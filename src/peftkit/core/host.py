@@ -150,6 +150,9 @@ class Host(nn.Module):
         ctx = self.context
         groups = ctx.routing
         batch = x.shape[0]
+        if batch == 1 < ctx.routing_batch:  # an input every row shares (position ids): each row gets its adapter's output
+            x = x.expand(ctx.routing_batch, *x.shape[1:])
+            batch = ctx.routing_batch
         if batch != ctx.routing_batch:
             if batch % ctx.routing_batch:
                 raise AdapterStateError(

@@ -302,6 +302,11 @@ def _split_top_level(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def split_top_level(text: str) -> list[str]:
+    """The comma-separated pieces of `text`, commas inside brackets or quotes kept (``"r=8,t=[a,b]"``)."""
+    return _split_top_level(text)
+
+
 def parse_options(text: str) -> dict[str, Any]:
     """``"r=8,targets=[query,value],dropout=0.1"`` → ``{"r": 8, "targets": ["query", "value"], ...}``.
 

@@ -338,12 +338,38 @@ def _check_classes(train: Encoded, names: list[str] | None, src: Source) -> int:
     return len(names) if names else max(2, int(train.labels.max()) + 1)
 
 
+def sample_index(n: int, limit: int | None) -> list[int]:
+    """Which of `n` held-out examples ``--max-eval-examples limit`` keeps: the same seeded sample whatever the run."""
+    if not limit or n <= limit:
+        return list(range(n))
+    return sorted(random.Random(EVAL_SAMPLE_SEED).sample(range(n), limit))
+
+
 def _sample(test: Encoded | None, limit: int | None, meta: dict[str, Any]) -> Encoded | None:
     """At most `limit` held-out examples: the same seeded sample whatever the run."""
     if test is None or not limit or len(test) <= limit:
         return test
     meta["eval_sample"] = f"{limit} of {len(test)} held-out examples (random.Random({EVAL_SAMPLE_SEED!r}))"
-    return test.subset(sorted(random.Random(EVAL_SAMPLE_SEED).sample(range(len(test)), limit)))
+    return test.subset(sample_index(len(test), limit))
+
+
+def example_rows(cfg: TrainConfig, task: str, src: Source,
+                 eval_src: Source | None = None) -> tuple[list[int], Source, list[int]]:
+    """(training rows of `src`, the held-out source, its rows) exactly as `prepare` uses them for a
+    task with one example per record (classification, instruction): blank rows dropped, the held-out
+    rows cut to the ``--max-eval-examples`` sample. For building other views of the same examples
+    (a prompt around each held-out example, training examples shown in context)."""
+    fill_fields(src, task)
+    if eval_src is not None:
+        fill_fields(eval_src, task)
+        train_rows, eval_rows = list(range(len(src.records))), list(range(len(eval_src.records)))
+    else:
+        train_rows, eval_rows, _ = _split_rows(src, cfg.eval_fraction)
+        eval_src = src
+    notes: list[str] = []
+    train_rows = _drop_blank(src, task, train_rows, notes, "training")
+    eval_rows = _drop_blank(eval_src, task, eval_rows, notes, "held-out") if eval_rows else eval_rows
+    return train_rows, eval_src, [eval_rows[i] for i in sample_index(len(eval_rows), cfg.max_eval_examples)]
 
 
 def prepare(cfg: TrainConfig, tokenizer: Any, task: str, src: Source, eval_src: Source | None = None) -> Prepared:
