@@ -108,7 +108,8 @@ def test_sharded_checkpoint_resumes_on_one_and_two_processes(tmp_path, bert_dir,
     assert len(list((first / "checkpoint" / "shards").glob("*.distcp"))) == 2  # one file per process
     assert not list(first.glob(".*tmp*"))
     resumed = train(TrainConfig(**_config(case, on_one, 8, resume="auto")), echo=lambda _s: None)
-    whole = train(TrainConfig(**_config(case, tmp_path / "whole", 8)), echo=lambda _s: None)
+    whole = tmp_path / "whole"
+    train(TrainConfig(**_config(case, whole, 8)), echo=lambda _s: None)
     assert resumed["steps"] == STEPS
     _same_adapter(on_one / "adapter", whole / "adapter")
     _same_adapter(on_two / "adapter", whole / "adapter")

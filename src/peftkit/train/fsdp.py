@@ -73,7 +73,7 @@ def shard(tuned: Any, dist: Dist) -> Sharded:
 
     from ..core.files.peftkit_format import base_fingerprint
 
-    fingerprints = {name: base_fingerprint(tuned, name) for name in tuned.adapters}
+    fingerprints = {name: base_fingerprint(tuned, name) for name in tuned.adapters} if dist.main else {}
     mesh = init_device_mesh(dist.device.type, (dist.world,))
     for module in tuned.modules():
         if is_quantized(module) and hasattr(module, "storage_as_parameters"):
@@ -82,6 +82,23 @@ def shard(tuned: Any, dist: Dist) -> Sharded:
         fully_shard(block, mesh=mesh)
     fully_shard(tuned, mesh=mesh)
     return Sharded(mesh, fingerprints)
+
+
+def shard_from_rank0(tuned: Any, dist: Dist) -> Sharded:
+    """Shard `tuned`, whose values only rank 0 holds (the other processes built it on the meta device),
+    and give every process its shards of rank 0's values: no process but rank 0 ever holds the whole
+    model. Non-persistent buffers (rotary tables) are broadcast too."""
+    import torch.distributed as torch_dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole = tuned.state_dict() if dist.main else {}
+    sharded = shard(tuned, dist)
+    if not dist.main:
+        tuned.to_empty(device=dist.device)
+    set_model_state_dict(tuned, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in tuned.buffers():
+        torch_dist.broadcast(buffer, src=0)
+    return sharded
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

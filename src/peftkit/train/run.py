@@ -233,12 +233,14 @@ def _data(job: Job) -> tuple[Any, data_mod.Prepared]:
 def _model(job: Job, dist: Dist, tok: Any, prepared: data_mod.Prepared) -> Any:
     cfg = job.cfg
     torch.manual_seed(cfg.seed)  # a new task head is initialised while loading: --seed must cover it
-    model = _load_model(job, prepared.num_labels, tok.pad_token_id)
+    model = _load_model(job, prepared.num_labels, tok.pad_token_id, structure_only=_from_rank0(job, dist)
+                        and not dist.main)
     if cfg.base_dropout is not None:  # before attaching: the adapter's own dropout stays as configured
         models.set_dropout(model, cfg.base_dropout)
     torch.manual_seed(cfg.seed)
     tuned = attach(model, job.method_cfg)
-    tuned.to(dist.device)
+    if not dist.sharded:  # FSDP moves each process's shards to its device
+        tuned.to(dist.device)
     if cfg.gradient_checkpointing:
         tuned.gradient_checkpointing_enable()
     return tuned
@@ -250,14 +252,25 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
     return tok, prepared, _model(job, dist, tok, prepared)
 
 
-def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.nn.Module:
+def _from_rank0(job: Job, dist: Dist) -> bool:
+    """Whether only rank 0 reads the base (the others build its structure on the meta device and get
+    their shards from rank 0: `fsdp.shard_from_rank0`): under fsdp, for a base read in full precision."""
+    from ..quant import base_quantization
+
+    return dist.sharded and not base_quantization(job.method_cfg, job.cfg.quantize)
+
+
+def _load_model(job: Job, num_labels: int | None, pad_id: int | None, *,
+                structure_only: bool = False) -> torch.nn.Module:
     """The base model; with --quantize (or a method that quantizes its base, like qlora) it is
-    quantized while loading, tensor by tensor, so no full-precision copy is ever held."""
+    quantized while loading, tensor by tensor, so no full-precision copy is ever held.
+    `structure_only`: on the meta device, no weights read."""
     from ..quant import base_quantization, load_quantized
 
     quant = base_quantization(job.method_cfg, job.cfg.quantize)
     if not quant:
-        return models.load(job.model_path, job.task, num_labels, pad_id, dtype=base_dtype(job.cfg.precision))
+        return models.load(job.model_path, job.task, num_labels, pad_id, dtype=base_dtype(job.cfg.precision),
+                           meta=structure_only)
     task = "classification" if job.task == "classification" else "causal-lm"
     extra = {"num_labels": num_labels or 2} if task == "classification" else {}
     with quiet_transformers():
@@ -305,7 +318,8 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     _guard_out(job, resume)  # after every mistake in the data and method options has been reported
     calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist)
     summary = tuned.summary()
-    trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist,
+    sharded = fsdp.shard_from_rank0(tuned, dist) if _from_rank0(job, dist) else None
+    trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist, sharded=sharded,
                       save_best=(lambda: _save_adapter(trainer, out / "best")) if cfg.eval_every else None)
     if resume is not None:
         trainer.resume(resume)  # a checkpoint of another run is refused here, before run.json is touched

@@ -302,6 +302,8 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(batch_loss.detach()) * share
             tokens += int(inputs["attention_mask"].sum())
+        if self.dist.enabled:  # each process summed its own share of the global batch's loss
+            loss_sum = float(all_sum(self.dist, torch.tensor([loss_sum], dtype=torch.float64)))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
         if self.cfg.max_grad_norm:
