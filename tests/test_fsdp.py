@@ -117,7 +117,7 @@ def test_sharded_checkpoint_resumes_on_one_and_two_processes(tmp_path, bert_dir,
     _same_adapter(on_two / "checkpoint", on_two / "adapter")
 
 
-def test_two_nodes_equal_one_node(tmp_path, bert_dir, sentiment_csv) -> None:
+def test_two_nodes_and_accelerate_launch_equal_one_process(tmp_path, bert_dir, sentiment_csv) -> None:
     case = {"model": str(bert_dir), "data": str(sentiment_csv), "lr": 0.01, "method": "lora"}
     out = tmp_path / "nodes"
     port = _free_port()
@@ -136,8 +136,19 @@ def test_two_nodes_equal_one_node(tmp_path, bert_dir, sentiment_csv) -> None:
         assert proc.returncode == 0, err[-4000:]
     assert sum(line.startswith("{") for stdout, _ in outputs for line in stdout.splitlines()) == 1
     assert [list((tmp_path / f"node{n}").iterdir()) for n in (0, 1)] == [[], []]  # nothing written elsewhere
+    # accelerate launch with peftkit's own flags (--multi_gpu: its multi-process launcher, CPUs included)
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                  str(_free_port()), "-m", "peftkit", "train", "--model", str(bert_dir), "--data", str(sentiment_csv),
+                  "--method", "lora", "--lr", "0.01", "--batch-size", "4", "--max-steps", str(STEPS), "--seed", "1",
+                  "--precision", "fp32", "--no-eval-before", "--no-progress", "--strategy", "fsdp",
+                  "--out", str(tmp_path / "accelerate")]
+    done = subprocess.run(accelerate, capture_output=True, text=True, env=_env(tmp_path), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((tmp_path / "accelerate" / "run.json").read_text())["world_size"] == 2
     train(TrainConfig(**_config(case, tmp_path / "one", 8)), echo=lambda _s: None)
     _same_adapter(out / "adapter", tmp_path / "one" / "adapter")
+    _same_adapter(tmp_path / "accelerate" / "adapter", tmp_path / "one" / "adapter")
 
 
 @pytest.mark.parametrize("method", ["sparse_adapter", "adalora"])

@@ -352,7 +352,8 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     doc = {"metrics": metrics, "metrics_before": before, "trainable_params": summary.trainable,
            "total_params": summary.total, "adapter_path": str(adapter_dir), "adapter_bytes": adapter_bytes,
            "train_seconds": round(result.train_seconds, 3), "steps": result.steps, "task": job.task,
-           "method": cfg.method, "out": str(out), "best": result.best, "notes": prepared.notes}
+           "method": cfg.method, "out": str(out), "best": result.best, "notes": prepared.notes,
+           "model_bytes": fsdp.memory_share(tuned)[0]}  # parameters and buffers this process holds
     if dist.main:
         write_json(out / RUN_FILE, {**run_doc, "result": doc}, default=str)
     return doc
