@@ -12,6 +12,9 @@ A checkpoint folder holds
   the settings that must match on resume, controller names, the size and SHA-256 of every other
   file, and its own SHA-256 (format version 2; version 1 had no checksums).
 
+Under ``--strategy fsdp`` the optimizer state is sharded instead (`checkpoint_sharded.py`: format
+version 3, ``"layout": "sharded"``).
+
 The folder is written under a temporary name and replaces the previous one in one step
 (`core.atomic`). Reading checks everything (sizes, checksums, names, shapes, dtypes) before
 anything is restored, so a refused checkpoint changes neither the model nor the optimizer.
@@ -41,6 +44,7 @@ SHARDED_VERSION = 3  # a sharded checkpoint (`checkpoint_sharded.py`)
 STATE = "trainer.json"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
+SHARDS = "shards"  # a sharded checkpoint's torch.distributed.checkpoint files
 OPTIMIZER_TENSORS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's per-parameter state
 
 __all__ = ["CheckpointError", "read", "restore", "save", "verify"]
@@ -143,10 +147,11 @@ def check_files(folder: Path, doc: dict[str, Any]) -> None:
     if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())):
         raise CheckpointError(f"{folder / STATE} has no valid record of its files; the checkpoint is damaged: "
                               f"{CheckpointError.remedy}.")
-    if is_sharded(doc):
-        from .checkpoint_sharded import needed_files
-
-        needed = needed_files(folder, doc)
+    if is_sharded(doc):  # its own files, and whatever torch.distributed.checkpoint wrote under shards/
+        shards = folder / SHARDS
+        needed = {peftkit_format.META, peftkit_format.WEIGHTS, RNG,
+                  *(f"{SHARDS}/{p.relative_to(shards).as_posix()}" for p in shards.rglob("*") if p.is_file()),
+                  *(controller_file(n) for n in doc.get("controllers", []))}
     else:
         needed = {peftkit_format.META, peftkit_format.WEIGHTS, OPTIMIZER, RNG,
                   *(controller_file(n) for n in doc.get("controllers", []))}
@@ -176,9 +181,12 @@ def read(folder: Path) -> dict[str, Any]:
     version = doc.get("version")
     if doc.get("format") != FORMAT or type(version) is not int or version < 1:
         raise CheckpointError(f"{path} is not a peftkit checkpoint: {CheckpointError.remedy}.")
-    if version > SHARDED_VERSION or (version == SHARDED_VERSION) != (doc.get("layout") == "sharded"):
+    if version > SHARDED_VERSION:
         raise CheckpointError(f"{path} was written by a newer peftkit (checkpoint version {version}; this one reads "
                               f"up to {SHARDED_VERSION}): upgrade peftkit to resume it, or start the run again.")
+    if (version == SHARDED_VERSION) != is_sharded(doc):
+        raise CheckpointError(f"{path} is malformed: version {version} with layout {doc.get('layout')!r}; "
+                              f"{CheckpointError.remedy}.")
     if version >= 2 and doc.get("sha256") != doc_sha256(doc):
         raise CheckpointError(f"{path} does not match its recorded SHA-256: the file is corrupted: "
                               f"{CheckpointError.remedy}.")

@@ -37,7 +37,7 @@ from .distributed import Dist, barrier, broadcast
 
 LAYOUT = "sharded"
 VERSION = 3
-SHARDS = "shards"
+SHARDS = ckpt.SHARDS
 
 
 def _state(tuned: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -72,14 +72,6 @@ def save(folder: Path, tuned: Any, adapter: str, optimizer: torch.optim.Optimize
             doc = json.loads(json.dumps(doc))
             write_json(tmp / ckpt.STATE, {**doc, "sha256": ckpt.doc_sha256(doc)}, indent=1)
     barrier(dist)
-
-
-def needed_files(folder: Path, doc: dict[str, Any]) -> set[str]:
-    """The files a sharded checkpoint must record: its own, and whatever DCP wrote under shards/."""
-    shards = existing(folder) / SHARDS
-    written = {f"{SHARDS}/{p.relative_to(shards).as_posix()}" for p in shards.rglob("*") if p.is_file()}
-    return {peftkit_format.META, peftkit_format.WEIGHTS, ckpt.RNG, *written,
-            *(ckpt.controller_file(n) for n in doc.get("controllers", []))}
 
 
 def restore(folder: Path, doc: dict[str, Any], tuned: Any, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
