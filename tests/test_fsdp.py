@@ -53,6 +53,7 @@ def _cases(bert_dir: Path, llama_dir: Path, sentiment_csv: Path, chat_jsonl: Pat
         "adapter": {**bert, "method": "adapter"},
         "prefix_tuning": {**bert, "method": "prefix_tuning"},
         "qlora": {"model": str(llama_dir), "data": str(chat_jsonl), "method": "qlora", "lr": 0.01},
+        "lora-accumulated": {**bert, "method": "lora", "grad_accum": 2},  # 2 micro-batches of 2 per process
     }
 
 
@@ -75,11 +76,12 @@ def _same_adapter(a: Path, b: Path) -> None:
 
 def test_fsdp_trains_like_one_process(tmp_path, bert_dir, llama_dir, sentiment_csv, chat_jsonl) -> None:
     cases = _cases(bert_dir, llama_dir, sentiment_csv, chat_jsonl)
-    steps = [{"config": _config(case, tmp_path / f"{name}-fsdp", 4, strategy="fsdp")} for name, case in cases.items()]
+    steps = [{"config": _config(case, tmp_path / f"{name}-fsdp", 8 // (2 * case.get("grad_accum", 1)), strategy="fsdp")}
+             for name, case in cases.items()]
     results = _torchrun(tmp_path, steps)
     assert len(results) == len(cases)  # only rank 0 reports
     for (name, case), sharded in zip(cases.items(), results, strict=True):
-        one = train(TrainConfig(**_config(case, tmp_path / f"{name}-one", 8)), echo=lambda _s: None)
+        one = train(TrainConfig(**_config(case, tmp_path / f"{name}-one", 8, grad_accum=1)), echo=lambda _s: None)
         fsdp_out, one_out = tmp_path / f"{name}-fsdp", tmp_path / f"{name}-one"
         _same_adapter(fsdp_out / "adapter", one_out / "adapter")
         assert abs(_last_loss(fsdp_out) - _last_loss(one_out)) < 1e-5, name

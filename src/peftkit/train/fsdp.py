@@ -86,19 +86,37 @@ def shard(tuned: Any, dist: Dist) -> Sharded:
 
 def shard_from_rank0(tuned: Any, dist: Dist) -> Sharded:
     """Shard `tuned`, whose values only rank 0 holds (the other processes built it on the meta device),
-    and give every process its shards of rank 0's values: no process but rank 0 ever holds the whole
-    model. Non-persistent buffers (rotary tables) are broadcast too."""
+    and give every process its shards of rank 0's values, one tensor at a time: no process but rank 0
+    ever holds the whole model. (``set_model_state_dict(..., broadcast_from_rank0=True)`` keeps every
+    received tensor whole until the end: a whole copy per process.) Buffers are broadcast."""
     import torch.distributed as torch_dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import distribute_tensor
 
     whole = tuned.state_dict() if dist.main else {}
     sharded = shard(tuned, dist)
     if not dist.main:
         tuned.to_empty(device=dist.device)
-    set_model_state_dict(tuned, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer in tuned.buffers():
-        torch_dist.broadcast(buffer, src=0)
+    with torch.no_grad():
+        for name, target in tuned.state_dict().items():
+            if not is_sharded(target):
+                continue
+            source = whole[name].to(dist.device) if dist.main else torch.empty(
+                target.shape, dtype=target.dtype, device=dist.device)
+            piece = distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=0)
+            target.to_local().copy_(piece.to_local())
+            del source, piece
+        for buffer in tuned.buffers():  # non-persistent ones (rotary tables) included
+            torch_dist.broadcast(buffer, src=0)
     return sharded
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters FSDP keeps after a forward without backward (the root's: embeddings, head)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

@@ -509,6 +509,8 @@ def _evaluate(model: torch.nn.Module, enc: Encoded, task: str, *, num_labels: in
             pred = out.logits.argmax(-1).cpu()
             confusion.index_put_((inputs["labels"].cpu(), pred), torch.ones(len(index), dtype=torch.float64),
                                  accumulate=True)
+    if dist.sharded:
+        fsdp.reshard(model)
     confusion, loss_sum = all_sum(dist, confusion), all_sum(dist, loss_sum)
     model.train(was_training)
     loss = float(loss_sum[0] / max(loss_sum[1], 1))
