@@ -6,7 +6,7 @@
 Each strategy runs as one ``torchrun --nproc_per_node N -m`` launch of this file, which calls
 `peftkit.train.run.train` on the embedded chatterbot data (instruction tuning). Every process
 reports its peak resident memory (``ru_maxrss``: the whole process, interpreter and libraries
-included), the bytes of parameters and buffers it holds after sharding (the model's share), CUDA's
+included; and sampled, split into loading, up to training, and training), the bytes of parameters and buffers it holds after sharding (the model's share), CUDA's
 peak allocation where there is a GPU, and the run's seconds per optimizer step (the first step
 included). Under fsdp, rank 0 reads the base and the others build it on the meta device, so rank 0's
 peak RSS holds one whole copy while loading; the others' hold their shards only.
@@ -28,12 +28,46 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class RssPhases:
+    """Peak resident memory of this process before and during `Trainer.fit` (sampled every 50 ms)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.phase, self.peaks = "load", {"load": 0, "train": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(0.05):
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            self.peaks[self.phase] = max(self.peaks[self.phase], rss)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from peftkit.train import trainer
     from peftkit.train.config import TrainConfig
     from peftkit.train.run import train
+
+    phases = RssPhases()
+    fit = trainer.Trainer.fit
+
+    def timed_fit(self: trainer.Trainer) -> trainer.FitResult:
+        phases.phase = "train"
+        return fit(self)
+
+    trainer.Trainer.fit = timed_fit
 
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     cfg = TrainConfig(model=args.model, data="chatterbot", method=args.method, strategy=args.worker,
@@ -41,7 +75,9 @@ def worker(args: argparse.Namespace) -> None:
                       max_eval_examples=8, eval_before=False, progress=False, out=args.out, overwrite=True,
                       save_every=10**6)
     result = train(cfg, echo=lambda _s: None)
+    peaks = phases.stop()
     mine = {"rank": dist.get_rank(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "load_rss": peaks["load"], "train_rss": peaks["train"],
             "model_bytes": result["model_bytes"], "seconds_per_step": result["train_seconds"] / result["steps"],
             "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
     every = [None] * dist.get_world_size()
@@ -72,11 +108,12 @@ def _mib(n: int | None) -> str:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| strategy | rank | peak RSS (MiB) | parameters + buffers held (MiB) | CUDA peak (MiB) | s / step |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| strategy | rank | peak RSS (MiB) | loading | training | parameters + buffers held (MiB) | "
+             "CUDA peak (MiB) | s / step |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         for r in run["ranks"]:
-            lines.append(f"| {run['strategy']} | {r['rank']} | {_mib(r['peak_rss'])} | {_mib(r['model_bytes'])} | "
+            lines.append(f"| {run['strategy']} | {r['rank']} | {_mib(r['peak_rss'])} | {_mib(r['load_rss'])} | "
+                         f"{_mib(r['train_rss'])} | {_mib(r['model_bytes'])} | "
                          f"{_mib(r['cuda_peak'])} | {r['seconds_per_step']:.2f} |")
     return "\n".join(lines)
 

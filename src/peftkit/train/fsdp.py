@@ -100,7 +100,7 @@ def shard_from_rank0(tuned: Any, dist: Dist) -> Sharded:
         for name, target in tuned.state_dict().items():
             if not is_sharded(target):
                 continue
-            source = whole[name].to(dist.device) if dist.main else torch.empty(
+            source = whole.pop(name).to(dist.device) if dist.main else torch.empty(  # rank 0 frees as it goes
                 target.shape, dtype=target.dtype, device=dist.device)
             piece = distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=0)
             target.to_local().copy_(piece.to_local())
