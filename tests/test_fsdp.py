@@ -158,3 +158,21 @@ def test_methods_that_cannot_shard_are_refused_up_front(method) -> None:
     with pytest.raises(ShardingError, match=f"{method}.*--strategy fsdp"):
         check_method(method, "fsdp")
     check_method(method, "ddp")
+
+
+def test_quantized_storage_held_as_parameters_computes_the_same() -> None:
+    """What FSDP shards of an NF4 layer: its packed storage as frozen parameters, same outputs."""
+    from torch import nn
+
+    from peftkit.quant.linear import QuantLinear
+    from peftkit.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(128, 64), QuantSpec("nf4", double_quant=True))
+    x = torch.randn(3, 128)
+    before, storage = layer(x), layer.storage_bytes()
+    layer.storage_as_parameters()
+    shardable = {name for name, p in layer.named_parameters() if p.dim() > 0 and not p.requires_grad}
+    assert {"qweight", "absmax_codes", "absmax_scale"} <= shardable
+    assert layer.storage_bytes() == storage
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)

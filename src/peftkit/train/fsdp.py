@@ -66,8 +66,8 @@ def blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(tuned: Any, dist: Dist) -> Sharded:
-    """Shard `tuned` (a TunedModel with its adapters attached, on ``dist.device``) in place:
-    each transformer block, then the whole model."""
+    """Shard `tuned` (a TunedModel with its adapters attached) in place: each transformer block, then
+    the whole model; FSDP moves each process's shards to ``dist.device``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
