@@ -53,12 +53,15 @@ def _cases(bert_dir: Path, llama_dir: Path, sentiment_csv: Path, chat_jsonl: Pat
         "adapter": {**bert, "method": "adapter"},
         "prefix_tuning": {**bert, "method": "prefix_tuning"},
         "qlora": {"model": str(llama_dir), "data": str(chat_jsonl), "method": "qlora", "lr": 0.01},
-        "lora-accumulated": {**bert, "method": "lora", "grad_accum": 2},  # 2 micro-batches of 2 per process
+        # 2 micro-batches of 2 per process; one process takes the same 4 micro-batches (a global batch is cut
+        # into as many pieces as micro-batches, and an epoch's last batch with fewer examples is dropped)
+        "lora-accumulated": {**bert, "method": "lora", "grad_accum": 2, "batch_size": 2},
     }
 
 
 def _config(case: dict[str, Any], out: Path, batch: int, **extra: Any) -> dict[str, Any]:
-    return {**case, "out": str(out), "batch_size": batch, "max_steps": STEPS, "seed": 1, "progress": False,
+    """A run of `case` with `batch` examples per process (unless the case sets its own)."""
+    return {"batch_size": batch, **case, "out": str(out), "max_steps": STEPS, "seed": 1, "progress": False,
             "precision": "fp32", "eval_before": False, **extra}
 
 
@@ -76,12 +79,12 @@ def _same_adapter(a: Path, b: Path) -> None:
 
 def test_fsdp_trains_like_one_process(tmp_path, bert_dir, llama_dir, sentiment_csv, chat_jsonl) -> None:
     cases = _cases(bert_dir, llama_dir, sentiment_csv, chat_jsonl)
-    steps = [{"config": _config(case, tmp_path / f"{name}-fsdp", 8 // (2 * case.get("grad_accum", 1)), strategy="fsdp")}
-             for name, case in cases.items()]
+    steps = [{"config": _config(case, tmp_path / f"{name}-fsdp", 4, strategy="fsdp")} for name, case in cases.items()]
     results = _torchrun(tmp_path, steps)
     assert len(results) == len(cases)  # only rank 0 reports
     for (name, case), sharded in zip(cases.items(), results, strict=True):
-        one = train(TrainConfig(**_config(case, tmp_path / f"{name}-one", 8, grad_accum=1)), echo=lambda _s: None)
+        alone = {"grad_accum": 2 * case["grad_accum"]} if "grad_accum" in case else {}
+        one = train(TrainConfig(**_config(case, tmp_path / f"{name}-one", 8, **alone)), echo=lambda _s: None)
         fsdp_out, one_out = tmp_path / f"{name}-fsdp", tmp_path / f"{name}-one"
         _same_adapter(fsdp_out / "adapter", one_out / "adapter")
         assert abs(_last_loss(fsdp_out) - _last_loss(one_out)) < 1e-5, name
