@@ -15,6 +15,7 @@ import pytest
 import torch
 from support import adapter_tensors
 
+from peftkit.train.checkpoint import CheckpointError, verify
 from peftkit.train.config import TrainConfig
 from peftkit.train.fsdp import ShardingError, check_method
 from peftkit.train.run import train
@@ -120,6 +121,14 @@ def test_sharded_checkpoint_resumes_on_one_and_two_processes(tmp_path, bert_dir,
     _same_adapter(on_two / "adapter", whole / "adapter")
     # a sharded checkpoint's adapter is an ordinary adapter folder
     _same_adapter(on_two / "checkpoint", on_two / "adapter")
+    # every shard is covered by the recorded SHA-256s
+    assert verify(first / "checkpoint")["step"] == 2
+    shard = next((first / "checkpoint" / "shards").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        verify(first / "checkpoint")
 
 
 def test_two_nodes_and_accelerate_launch_equal_one_process(tmp_path, bert_dir, sentiment_csv) -> None:

@@ -79,6 +79,7 @@ def restore(folder: Path, doc: dict[str, Any], tuned: Any, optimizer: torch.opti
     `tuned` and `optimizer`, sharded or not, on any number of processes; returns controller states.
     The files are checked (sizes, SHA-256) before anything is loaded."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     folder = existing(folder)
@@ -89,7 +90,7 @@ def restore(folder: Path, doc: dict[str, Any], tuned: Any, optimizer: torch.opti
     state = _state(tuned, optimizer)
     try:
         dcp.load(state, checkpoint_id=folder / SHARDS)
-    except (RuntimeError, ValueError, KeyError) as err:  # DCP reports a missing or misshapen tensor so
+    except (CheckpointException, RuntimeError, ValueError, KeyError) as err:  # a missing or misshapen tensor
         raise ckpt.CheckpointError(f"the shards in {folder / SHARDS} do not fit this run ({str(err)[:200]}); "
                                    "resume with the same settings, or start a new run with another --out.") from None
     set_optimizer_state_dict(tuned, optimizer, state["optimizer"])
