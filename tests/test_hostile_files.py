@@ -86,7 +86,7 @@ def reseal_checkpoint(folder: Path, edit: Callable[[dict], None] = lambda doc: N
     edit(doc)
     doc["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                     for p in sorted(folder.iterdir()) if p.name != "trainer.json"}
-    doc["sha256"] = ckpt._doc_sha256(doc)
+    doc["sha256"] = ckpt.doc_sha256(doc)
     (folder / "trainer.json").write_text(json.dumps(doc))
 
 
@@ -401,7 +401,7 @@ def versions_and_structure() -> list[Case]:
              "adapter_config.json", "modules_to_save"),
         Case("hf-peft-rank-not-a-number", HF, edit_json("adapter_config.json", setting(r="eight")), "adapter_config.json",
              "cannot read PEFT adapter"),
-        Case("checkpoint-newer-version", CKPT, lambda folder, outside: reseal_checkpoint(folder, setting(version=3)),
+        Case("checkpoint-newer-version", CKPT, lambda folder, outside: reseal_checkpoint(folder, setting(version=ckpt.SHARDED_VERSION + 1)),
              state, "newer peftkit"),
         Case("checkpoint-negative-step", CKPT, lambda folder, outside: reseal_checkpoint(folder, setting(step=-1)),
              state, "malformed"),

@@ -392,7 +392,8 @@ def test_train_flags_valid_forms(world, capsys, monkeypatch, tmp_path) -> None:
           "--batch-size": 4, "--grad-accum": 2, "--max-length": 32, "--epochs": 2.0, "--max-steps": 7,
           "--eval-every": 3, "--eval-batch-size": 16, "--max-eval-examples": 5, "--save-every": 3,
           "--early-stopping": 2, "--metric": "macro_f1", "--seed": 3, "--out": str(tmp_path / "o"),
-          "--format": "hf-peft", "--threads": 1, "--num-labels": 3, "--calibration-batches": 2, "--precision": "fp32"}
+          "--format": "hf-peft", "--threads": 1, "--num-labels": 3, "--calibration-batches": 2, "--precision": "fp32",
+          "--strategy": "ddp"}
     switches = ["--probe-head", "--load-best", "--overwrite", "--eval-before", "--gradient-checkpointing",
                 "--no-group-by-length", "--no-progress", "--no-chunked-loss"] + (["--tensorboard"] if _tensorboard_installed() else [])
     argv = ["train", "--config", "job.yaml", "--print-config", "--json"]

@@ -66,6 +66,12 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return found
 
 
+def block_list(model: nn.Module) -> nn.ModuleList | None:
+    """The model's transformer blocks: its longest ModuleList of layers holding attention (None: none)."""
+    lists = _block_lists(model)
+    return max(lists, key=lambda item: len(item[1]))[1] if lists else None
+
+
 def _leaf(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower()
 

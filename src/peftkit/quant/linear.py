@@ -73,7 +73,17 @@ class QuantLinear(nn.Module):
 
     # -- the quantized-layer protocol ---------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self._buffers.items() if v is not None}
+        stored = {k: v for k, v in self._buffers.items() if v is not None}
+        stored.update({k: v for k, v in self._parameters.items() if v is not None and k != "bias"})
+        return stored
+
+    def storage_as_parameters(self) -> None:
+        """Hold the storage tensors as frozen parameters instead of buffers, so that FSDP shards them
+        (it shards parameters and replicates buffers; see `train/fsdp.py`). Scalars stay buffers."""
+        for key, tensor in list(self._buffers.items()):
+            if tensor is not None and tensor.dim() > 0:
+                del self._buffers[key]
+                self.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight in `dtype` (default: the compute dtype, else the original dtype)."""

@@ -12,6 +12,9 @@ A checkpoint folder holds
   the settings that must match on resume, controller names, the size and SHA-256 of every other
   file, and its own SHA-256 (format version 2; version 1 had no checksums).
 
+Under ``--strategy fsdp`` the optimizer state is sharded instead (`checkpoint_sharded.py`: format
+version 3, ``"layout": "sharded"``).
+
 The folder is written under a temporary name and replaces the previous one in one step
 (`core.atomic`). Reading checks everything (sizes, checksums, names, shapes, dtypes) before
 anything is restored, so a refused checkpoint changes neither the model nor the optimizer.
@@ -37,15 +40,17 @@ from ..errors import AdapterFileError, CheckpointError, PeftkitError
 
 FORMAT = "peftkit-checkpoint"
 VERSION = 2
+SHARDED_VERSION = 3  # a sharded checkpoint (`checkpoint_sharded.py`)
 STATE = "trainer.json"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
+SHARDS = "shards"  # a sharded checkpoint's torch.distributed.checkpoint files
 OPTIMIZER_TENSORS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # AdamW's per-parameter state
 
 __all__ = ["CheckpointError", "read", "restore", "save", "verify"]
 
 
-def _controller_file(name: str) -> str:
+def controller_file(name: str) -> str:
     return f"controller.{name}.safetensors"
 
 
@@ -72,7 +77,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": groups}
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def rng_tensors() -> dict[str, torch.Tensor]:
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -80,12 +85,12 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def _python_rng() -> list[Any]:
+def python_rng() -> list[Any]:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
 
 
-def _doc_sha256(doc: dict[str, Any]) -> str:
+def doc_sha256(doc: dict[str, Any]) -> str:
     """SHA-256 of a trainer state without its own checksum, over canonical JSON."""
     body = {k: v for k, v in doc.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -98,14 +103,14 @@ def save(folder: Path, tuned: Any, adapter: str, optimizer: torch.optim.Optimize
     with atomic_folder(folder) as tmp:
         peftkit_format.write(tuned, adapter, tmp)
         save_file(tensors, str(tmp / OPTIMIZER))
-        save_file(_rng_tensors(), str(tmp / RNG))
+        save_file(rng_tensors(), str(tmp / RNG))
         for name, state in (controllers or {}).items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / _controller_file(name)))
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / controller_file(name)))
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         doc = {"format": FORMAT, "version": VERSION, **trainer_state, "optimizer": opt_meta,
-               "python_rng": _python_rng(), "controllers": sorted(controllers or {}), "files": files}
+               "python_rng": python_rng(), "controllers": sorted(controllers or {}), "files": files}
         doc = json.loads(json.dumps(doc))  # as it reads back (tuples as lists), so the checksum matches
-        write_json(tmp / STATE, {**doc, "sha256": _doc_sha256(doc)}, indent=1)
+        write_json(tmp / STATE, {**doc, "sha256": doc_sha256(doc)}, indent=1)
 
 
 def _doc_problem(doc: dict[str, Any]) -> str | None:
@@ -135,15 +140,21 @@ def _doc_problem(doc: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_files(folder: Path, doc: dict[str, Any]) -> None:
+def check_files(folder: Path, doc: dict[str, Any]) -> None:
     """The files a version-2 checkpoint records are exactly those it holds, each a regular file in
     the folder with the recorded size and SHA-256."""
     files = doc.get("files")
     if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())):
         raise CheckpointError(f"{folder / STATE} has no valid record of its files; the checkpoint is damaged: "
                               f"{CheckpointError.remedy}.")
-    needed = {peftkit_format.META, peftkit_format.WEIGHTS, OPTIMIZER, RNG,
-              *(_controller_file(n) for n in doc.get("controllers", []))}
+    if is_sharded(doc):  # its own files, and whatever torch.distributed.checkpoint wrote under shards/
+        shards = folder / SHARDS
+        needed = {peftkit_format.META, peftkit_format.WEIGHTS, RNG,
+                  *(f"{SHARDS}/{p.relative_to(shards).as_posix()}" for p in shards.rglob("*") if p.is_file()),
+                  *(controller_file(n) for n in doc.get("controllers", []))}
+    else:
+        needed = {peftkit_format.META, peftkit_format.WEIGHTS, OPTIMIZER, RNG,
+                  *(controller_file(n) for n in doc.get("controllers", []))}
     if set(files) != needed:
         raise CheckpointError(f"{folder / STATE} records other files than a checkpoint holds; the checkpoint is "
                               f"damaged: {CheckpointError.remedy}.")
@@ -152,6 +163,11 @@ def _check_files(folder: Path, doc: dict[str, Any]) -> None:
         if real.stat().st_size != files[name].get("bytes") or sha256_file(real) != files[name].get("sha256"):
             raise CheckpointError(f"{folder / name} does not match the size and SHA-256 recorded in {STATE}: the "
                                   f"file is truncated or corrupted: {CheckpointError.remedy}.")
+
+
+def is_sharded(doc: dict[str, Any]) -> bool:
+    """Whether a trainer state (`read`) is that of a sharded checkpoint (`checkpoint_sharded.py`)."""
+    return doc.get("layout") == "sharded"
 
 
 def read(folder: Path) -> dict[str, Any]:
@@ -165,10 +181,13 @@ def read(folder: Path) -> dict[str, Any]:
     version = doc.get("version")
     if doc.get("format") != FORMAT or type(version) is not int or version < 1:
         raise CheckpointError(f"{path} is not a peftkit checkpoint: {CheckpointError.remedy}.")
-    if version > VERSION:
+    if version > SHARDED_VERSION:
         raise CheckpointError(f"{path} was written by a newer peftkit (checkpoint version {version}; this one reads "
-                              f"up to {VERSION}): upgrade peftkit to resume it, or start the run again.")
-    if version >= 2 and doc.get("sha256") != _doc_sha256(doc):
+                              f"up to {SHARDED_VERSION}): upgrade peftkit to resume it, or start the run again.")
+    if (version == SHARDED_VERSION) != is_sharded(doc):
+        raise CheckpointError(f"{path} is malformed: version {version} with layout {doc.get('layout')!r}; "
+                              f"{CheckpointError.remedy}.")
+    if version >= 2 and doc.get("sha256") != doc_sha256(doc):
         raise CheckpointError(f"{path} does not match its recorded SHA-256: the file is corrupted: "
                               f"{CheckpointError.remedy}.")
     problem = _doc_problem(doc)
@@ -183,8 +202,9 @@ def verify(folder: Path) -> dict[str, Any]:
     doc = read(folder)
     folder = existing(folder)
     if doc["version"] >= 2:
-        _check_files(folder, doc)
-    for name in (peftkit_format.WEIGHTS, OPTIMIZER, RNG, *(_controller_file(n) for n in doc.get("controllers", []))):
+        check_files(folder, doc)
+    optimizer = () if is_sharded(doc) else (OPTIMIZER,)  # shards: checked by their SHA-256 above
+    for name in (peftkit_format.WEIGHTS, *optimizer, RNG, *(controller_file(n) for n in doc.get("controllers", []))):
         read_tensors(folder / name, error=CheckpointError)
     return doc
 
@@ -218,7 +238,7 @@ def _optimizer_problem(tensors: dict[str, torch.Tensor], optimizer: torch.optim.
 def _load(folder: Path, doc: dict[str, Any], optimizer: torch.optim.Optimizer) -> _Loaded:
     """Read and check every tensor of checkpoint `folder` (`doc`: its `read` state) for `optimizer`."""
     if doc["version"] >= 2:
-        _check_files(folder, doc)
+        check_files(folder, doc)
     try:
         adapter = peftkit_format.read_state(folder, error=CheckpointError)
     except AdapterFileError as err:  # adapter.json of the checkpoint
@@ -243,7 +263,7 @@ def _load(folder: Path, doc: dict[str, Any], optimizer: torch.optim.Optimizer) -
                               f"{CheckpointError.remedy}.") from None
     controllers = {}
     for name in doc.get("controllers", []):
-        controllers[name] = read_tensors(folder / _controller_file(name), error=CheckpointError)
+        controllers[name] = read_tensors(folder / controller_file(name), error=CheckpointError)
     return _Loaded(adapter, joined, rng, controllers)
 
 

@@ -27,6 +27,7 @@ FORMATS = ("peftkit", "hf-peft")
 DEFAULT_METHOD = "lora"  # with the method's recommended training options (LoRA: every linear layer)
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw",)
+STRATEGIES = ("auto", "ddp", "fsdp")
 MAX_OPTION_DEPTH = 32  # nesting of a --method-options value
 
 
@@ -107,6 +108,9 @@ class TrainConfig:
                                       "holding all logits (much less memory); off: the model's own loss")
     group_by_length: bool = _field(True, "draw each batch from a length-sorted pool (less padding); "
                                          "--no-group-by-length for random batches")
+    strategy: str = _field("auto", "with several processes (torchrun, accelerate launch): ddp keeps a whole model "
+                                   "on each; fsdp shards the base and the adapters over them (FSDP2), for a base "
+                                   "that does not fit one device; auto: ddp", choices=STRATEGIES)
     threads: int | None = _field(None, "torch CPU threads [torch's default]")
     tensorboard: bool = _field(False, "also log to <out>/tensorboard")
     progress: bool = _field(True, "show a progress bar on stderr")
@@ -133,7 +137,8 @@ class TrainConfig:
     def problems(self) -> list[str]:
         """One message per invalid setting, each starting with the setting's name."""
         out = []
-        for name, allowed in (("task", TASKS), ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("format", FORMATS)):
+        for name, allowed in (("task", TASKS), ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("format", FORMATS),
+                              ("strategy", STRATEGIES)):
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 out.append(f"{name} must be one of {', '.join(allowed)}, got {value!r}")

@@ -75,14 +75,17 @@ def tokenizer(path: str) -> Any:
 
 
 def load(path: str, task: str, num_labels: int | None = None, pad_id: int | None = None,
-         dtype: torch.dtype | None = None) -> nn.Module:
-    """The model for `task`: a sequence classifier with `num_labels`, or a causal LM."""
+         dtype: torch.dtype | None = None, *, meta: bool = False) -> nn.Module:
+    """The model for `task`: a sequence classifier with `num_labels`, or a causal LM. `meta`: its
+    structure only, on the meta device (no weights read or allocated), from the folder's config."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
     try:
         with quiet_transformers():
-            if task == "classification":
+            if meta:
+                model = _structure(path, task, num_labels, dtype)
+            elif task == "classification":
                 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels or 2, **kwargs)
                 if pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
                     model.config.pad_token_id = pad_id  # decoder classifiers pool the last non-pad token
@@ -96,7 +99,22 @@ def load(path: str, task: str, num_labels: int | None = None, pad_id: int | None
         raise ModelError(f"{path} has a classification head for another number of classes than the "
                          f"{num_labels} asked for; use data with the head's classes, or a model folder without a "
                          "head (the bare encoder).") from None
+    if task == "classification" and pad_id is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_id
     return model
+
+
+def _structure(path: str, task: str, num_labels: int | None, dtype: torch.dtype | None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task == "classification":
+        config = AutoConfig.from_pretrained(path, num_labels=num_labels or 2)
+        auto = AutoModelForSequenceClassification
+    else:
+        config, auto = AutoConfig.from_pretrained(path), AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+    return model.eval()  # as from_pretrained leaves it
 
 
 def saved_weight_names(path: str) -> set[str] | None:

@@ -23,6 +23,7 @@ from torch import nn
 from ..core.protocol import COPY_SLOT
 from ..core.targets import base_at, head_names
 from .batches import collate
+from .fsdp import assign
 
 # A sample is enough: fitting on a whole split gave no better head (benchmarks/results/recipes.md)
 PROBE_EXAMPLES = 4096
@@ -107,8 +108,8 @@ def probe_head(tuned: Any, prepared: Any, pad_id: int, device: torch.device | st
     y = torch.cat(labels)
     weight, bias = fit_logistic(x, y, layer.out_features)
     values = copy.values
-    values[prefix + "weight"].copy_(weight.to(values[prefix + "weight"]))
+    assign(values[prefix + "weight"], weight)
     if layer.bias is not None:
-        values[prefix + "bias"].copy_(bias.to(values[prefix + "bias"]))
+        assign(values[prefix + "bias"], bias)
     fitted = (x @ weight.T + bias).argmax(1).eq(y).float().mean().item()
     return f"head fitted on {len(sample)} training examples' features (training accuracy {fitted:.4f})"

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from ..core import registry
+from ..core import files, registry
 from ..core.atomic import existing, write_json
 from ..core.files import detect
 from ..core.registry import config as method_config
 from ..core.tuned import attach
 from ..errors import ConfigError
-from . import assets, models
+from . import assets, fsdp, models
 from . import data as data_mod
 from .checkpoint import STATE, CheckpointError, read
 from .config import FIELDS, METRICS, TrainConfig
@@ -73,6 +73,10 @@ def plan(cfg: TrainConfig) -> Job:
     cfg.validate()
     resolved = cfg.resolved()
     method_cfg = method_config(resolved.method, **resolved.method_options)
+    fsdp.check_method(resolved.method, cfg.strategy)
+    if cfg.strategy == "fsdp" and cfg.load_best:
+        raise ConfigError("--load-best cannot put the best adapter back into a model sharded with --strategy fsdp; "
+                          "leave it out and use <out>/best, or use --strategy ddp.")
     if cfg.format == "hf-peft" and registry.get(resolved.method).hf is None:
         raise ConfigError(f"method {resolved.method!r} has no Hugging Face PEFT layout; save it with --format "
                           "peftkit (the default).")
@@ -203,7 +207,7 @@ def train(cfg: TrainConfig, *, echo: Callable[[str], None] = print,
     """Run the main job; returns the result dict that ``--json`` prints. `echo` gets the progress
     lines, `warn` what the user should hear of (e.g. rows dropped from the data)."""
     job = plan(cfg)
-    dist = setup()
+    dist = setup(job.cfg.strategy)
     try:
         job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, precision=resolve_precision(
             job.cfg.precision, dist.device)))
@@ -229,12 +233,14 @@ def _data(job: Job) -> tuple[Any, data_mod.Prepared]:
 def _model(job: Job, dist: Dist, tok: Any, prepared: data_mod.Prepared) -> Any:
     cfg = job.cfg
     torch.manual_seed(cfg.seed)  # a new task head is initialised while loading: --seed must cover it
-    model = _load_model(job, prepared.num_labels, tok.pad_token_id)
+    model = _load_model(job, prepared.num_labels, tok.pad_token_id, structure_only=_from_rank0(job, dist)
+                        and not dist.main)
     if cfg.base_dropout is not None:  # before attaching: the adapter's own dropout stays as configured
         models.set_dropout(model, cfg.base_dropout)
     torch.manual_seed(cfg.seed)
     tuned = attach(model, job.method_cfg)
-    tuned.to(dist.device)
+    if not dist.sharded:  # FSDP moves each process's shards to its device
+        tuned.to(dist.device)
     if cfg.gradient_checkpointing:
         tuned.gradient_checkpointing_enable()
     return tuned
@@ -246,14 +252,25 @@ def _prepare(job: Job, dist: Dist) -> tuple[Any, data_mod.Prepared, Any]:
     return tok, prepared, _model(job, dist, tok, prepared)
 
 
-def _load_model(job: Job, num_labels: int | None, pad_id: int | None) -> torch.nn.Module:
+def _from_rank0(job: Job, dist: Dist) -> bool:
+    """Whether only rank 0 reads the base (the others build its structure on the meta device and get
+    their shards from rank 0: `fsdp.shard_from_rank0`): under fsdp, for a base read in full precision."""
+    from ..quant import base_quantization
+
+    return dist.sharded and not base_quantization(job.method_cfg, job.cfg.quantize)
+
+
+def _load_model(job: Job, num_labels: int | None, pad_id: int | None, *,
+                structure_only: bool = False) -> torch.nn.Module:
     """The base model; with --quantize (or a method that quantizes its base, like qlora) it is
-    quantized while loading, tensor by tensor, so no full-precision copy is ever held."""
+    quantized while loading, tensor by tensor, so no full-precision copy is ever held.
+    `structure_only`: on the meta device, no weights read."""
     from ..quant import base_quantization, load_quantized
 
     quant = base_quantization(job.method_cfg, job.cfg.quantize)
     if not quant:
-        return models.load(job.model_path, job.task, num_labels, pad_id, dtype=base_dtype(job.cfg.precision))
+        return models.load(job.model_path, job.task, num_labels, pad_id, dtype=base_dtype(job.cfg.precision),
+                           meta=structure_only)
     task = "classification" if job.task == "classification" else "causal-lm"
     extra = {"num_labels": num_labels or 2} if task == "classification" else {}
     with quiet_transformers():
@@ -301,8 +318,9 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     _guard_out(job, resume)  # after every mistake in the data and method options has been reported
     calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist)
     summary = tuned.summary()
-    trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist,
-                      save_best=(lambda: tuned.save(str(out / "best"), format=cfg.format)) if cfg.eval_every else None)
+    sharded = fsdp.shard_from_rank0(tuned, dist) if _from_rank0(job, dist) else None
+    trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist, sharded=sharded,
+                      save_best=(lambda: _save_adapter(trainer, out / "best")) if cfg.eval_every else None)
     if resume is not None:
         trainer.resume(resume)  # a checkpoint of another run is refused here, before run.json is touched
     # nothing is written before this point: a mistake in the input leaves the folder as it was
@@ -312,7 +330,8 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     if cfg.overwrite and resume is None and dist.main:
         _clear_run(out)
     run_doc = {"config": cfg.to_dict(), "model_path": job.model_path, "data": prepared.meta,
-               "label_names": prepared.label_names, "num_labels": prepared.num_labels, "world_size": dist.world}
+               "label_names": prepared.label_names, "num_labels": prepared.num_labels, "world_size": dist.world,
+               "strategy": dist.strategy}
     log = RunLog(out / "metrics.jsonl" if dist.main else None,
                  tensorboard=out / "tensorboard" if cfg.tensorboard and dist.main else None)
     trainer.log = log
@@ -324,8 +343,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     result = trainer.fit()
     metrics = _final_metrics(job, trainer, tuned, result)
     adapter_dir = out / "adapter"
-    if dist.main:
-        tuned.save(str(adapter_dir), format=cfg.format)
+    _save_adapter(trainer, adapter_dir)
     log.close()
     adapter_bytes = models.folder_bytes(adapter_dir) if dist.main else 0
     echo("  after:  " + _fmt(metrics) + (" (stopped early)" if result.stopped_early else ""))
@@ -334,10 +352,19 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     doc = {"metrics": metrics, "metrics_before": before, "trainable_params": summary.trainable,
            "total_params": summary.total, "adapter_path": str(adapter_dir), "adapter_bytes": adapter_bytes,
            "train_seconds": round(result.train_seconds, 3), "steps": result.steps, "task": job.task,
-           "method": cfg.method, "out": str(out), "best": result.best, "notes": prepared.notes}
+           "method": cfg.method, "out": str(out), "best": result.best, "notes": prepared.notes,
+           "model_bytes": fsdp.memory_share(tuned)[0]}  # parameters and buffers this process holds
     if dist.main:
         write_json(out / RUN_FILE, {**run_doc, "result": doc}, default=str)
     return doc
+
+
+def _save_adapter(trainer: Trainer, folder: Path) -> None:
+    """Rank 0 writes the trained adapter to `folder`; a sharded model's is gathered by every process first."""
+    tuned, sharded = trainer.tuned, trainer.sharded
+    view = fsdp.gathered(tuned, sharded) if sharded is not None else tuned
+    if trainer.dist.main:
+        files.save(view, folder, format=trainer.cfg.format)
 
 
 def _announce(job: Job, dist: Dist, prepared: data_mod.Prepared, summary: Any, calibrated: list[str],
@@ -346,7 +373,7 @@ def _announce(job: Job, dist: Dist, prepared: data_mod.Prepared, summary: Any, c
     echo(f"peftkit train: {cfg.model} on {cfg.data} ({job.task}), method {cfg.method}"
          + (f", {cfg.quantize} base" if cfg.quantize else "")
          + (f", base dropout {cfg.base_dropout:g}" if cfg.base_dropout is not None else "")
-         + (f", {dist.world} processes" if dist.enabled else ""))
+         + (f", {dist.world} processes ({dist.strategy})" if dist.enabled else ""))
     echo(f"  data: {prepared.meta['train_examples']} train / {prepared.meta['eval_examples']} held-out "
          f"({prepared.meta['split']})")
     echo(f"  trainable params: {summary.trainable:,} of {summary.total:,} ({summary.trainable_percent:.2f}%)")

@@ -30,6 +30,7 @@ from ..core.protocol import COPY_SLOT
 from ..core.targets import head_names
 from ..errors import PeftkitError
 from . import checkpoint as ckpt
+from . import checkpoint_sharded, fsdp
 from .batches import (
     answer_logits_only,
     collate,
@@ -41,7 +42,7 @@ from .batches import (
 )
 from .config import TrainConfig
 from .data import Encoded, Prepared
-from .distributed import Dist, all_sum, barrier, wrap
+from .distributed import Dist, all_sum, barrier, no_sync, wrap
 from .log import RunLog
 from .metrics import classification_metrics, lm_metrics
 from .precision import autocast, grad_scaler
@@ -171,13 +172,16 @@ class Trainer:
 
     def __init__(self, tuned: Any, data: Prepared, cfg: TrainConfig, *, out: Path, pad_id: int,
                  dist: Dist | None = None, adapter: str = "default", log: RunLog | None = None,
-                 save_best: Callable[[], None] | None = None) -> None:
+                 save_best: Callable[[], None] | None = None, sharded: fsdp.Sharded | None = None) -> None:
         self.tuned, self.data, self.cfg, self.out = tuned, data, cfg, out
         self.pad_id, self.adapter = pad_id, adapter
         self.dist = dist or Dist()
         self.log = log or RunLog(None)
         self.save_best = save_best
         self.device = self.dist.device
+        if self.dist.sharded and sharded is None:
+            sharded = fsdp.shard(tuned, self.dist)  # before the optimizer: sharding replaces the parameters
+        self.sharded = sharded
         params = [p for p in tuned.parameters() if p.requires_grad]
         if not params:
             raise PeftkitError("the model has no trainable parameters; attach an adapter first.")
@@ -217,8 +221,8 @@ class Trainer:
 
     def save_checkpoint(self, folder: Path | None = None) -> Path:
         folder = folder or self.out / "checkpoint"
-        if self.dist.main:
-            controllers = {}
+        controllers, state = {}, {}
+        if self.dist.main or self.sharded is not None:
             for name, ctl in getattr(self.tuned, "_controllers", {}).items():
                 if hasattr(ctl, "state_dict"):
                     controllers[name] = ctl.state_dict()
@@ -226,6 +230,10 @@ class Trainer:
                      "epoch": self.state["step"] // self.steps_per_epoch,
                      "batch_in_epoch": self.state["step"] % self.steps_per_epoch,
                      "run": {"config": self.cfg.to_dict()}}  # `--resume FOLDER` restores these settings
+        if self.sharded is not None:  # every process writes its shards
+            checkpoint_sharded.save(folder, self.tuned, self.adapter, self.optimizer, state, controllers, self.dist,
+                                    self.sharded)
+        elif self.dist.main:
             ckpt.save(folder, self.tuned, self.adapter, self.optimizer, state, controllers)
         self.last_checkpoint = (folder, self.state["step"])
         barrier(self.dist)
@@ -242,7 +250,13 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {folder} was written by a different run ({k}: {theirs!r}, now "
                                        f"{mine[k]!r}); resume with the same settings or start a new run with "
                                        "another --out.")
-        controllers = ckpt.restore(folder, doc, self.tuned, self.adapter, self.optimizer)
+        if ckpt.is_sharded(doc):
+            controllers = checkpoint_sharded.restore(folder, doc, self.tuned, self.optimizer)
+        elif self.sharded is not None:
+            raise ckpt.CheckpointError(f"checkpoint {folder} holds whole tensors (written by a run without --strategy "
+                                       "fsdp); resume it with --strategy ddp, or start a new run with another --out.")
+        else:
+            controllers = ckpt.restore(folder, doc, self.tuned, self.adapter, self.optimizer)
         for name, state in controllers.items():
             ctl = getattr(self.tuned, "_controllers", {}).get(name)
             if ctl is not None and hasattr(ctl, "load_state_dict"):
@@ -280,7 +294,7 @@ class Trainer:
             if self.trim_logits:
                 inputs = answer_logits_only(inputs)
             sync = j == self.cfg.grad_accum - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            with contextlib.nullcontext() if sync else no_sync(self.model, self.dist):
                 with autocast(self.cfg.precision, self.device):
                     batch_loss = model_loss(self.model, inputs, self.vocab, self.tuned)
                 share = float(enc.units[index].sum()) / total_units
@@ -288,12 +302,14 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(batch_loss.detach()) * share
             tokens += int(inputs["attention_mask"].sum())
+        if self.dist.enabled:  # each process summed its own share of the global batch's loss
+            loss_sum = float(all_sum(self.dist, torch.tensor([loss_sum], dtype=torch.float64)))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
         if self.cfg.max_grad_norm:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+            norm = float(fsdp.full(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)))
         else:
-            norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None]))
+            norm = float(fsdp.full(torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])))
         overflow = self.scaler is not None and math.isfinite(loss_sum) and not math.isfinite(norm)
         if overflow:  # fp16 loss scaling: the scaler skips this step and lowers its scale; not a divergence
             self.scaler.step(self.optimizer)
@@ -311,7 +327,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        finite = bool(torch.stack([torch.isfinite(p.detach()).all() for p in self.params]).all())
+        finite = bool(torch.stack([torch.isfinite(fsdp.local(p.detach())).all() for p in self.params]).all())
         if self._any_process(not finite):  # an update too large for the dtype: never saved
             raise Diverged(self._diverged(step, "weights became NaN or infinite after the update"), step + 1)
         self.tuned.update(step)
@@ -358,7 +374,7 @@ class Trainer:
         if self._better(value, None if best is None else best["value"]):
             self.state["best"] = {"step": step, "metric": self.metric, "value": value}
             self.state["bad_evals"] = 0
-            if self.save_best is not None and self.dist.main:
+            if self.save_best is not None and (self.dist.main or self.sharded is not None):  # sharded: gathered by all
                 self.save_best()
             barrier(self.dist)
             return False
@@ -446,7 +462,6 @@ def _eval_bar(batches: list[list[int]], show: bool) -> Any:
                 leave=False)
 
 
-@torch.inference_mode()
 def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labels: int | None, pad_id: int,
              batch_size: int = 128, dist: Dist | None = None, progress: bool = False,
              chunked: bool = True, precision: str = "fp32") -> dict[str, float]:
@@ -457,6 +472,14 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
     dist = dist or Dist()
     if enc is None or len(enc) == 0:
         return {}
+    # FSDP keeps the gathered parameters' storage between forwards: inference tensors there would break training
+    with torch.no_grad() if dist.sharded else torch.inference_mode():
+        return _evaluate(model, enc, task, num_labels=num_labels, pad_id=pad_id, batch_size=batch_size, dist=dist,
+                         progress=progress, chunked=chunked, precision=precision)
+
+
+def _evaluate(model: torch.nn.Module, enc: Encoded, task: str, *, num_labels: int | None, pad_id: int,
+              batch_size: int, dist: Dist, progress: bool, chunked: bool, precision: str) -> dict[str, float]:
     was_training = model.training
     model.eval()
     k = max(num_labels or 1, 1)
@@ -464,7 +487,11 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
     loss_sum = torch.zeros(2, dtype=torch.float64)  # (sum of loss × units, units)
     trim = trims_logits(model, enc)
     vocab = vocab_loss_for(model, enc, pad_id) if chunked else None
-    for index in _eval_bar(list(eval_batches(enc, batch_size, dist.rank, dist.world)), progress):
+    batches = eval_batches(enc, batch_size, dist.rank, dist.world)
+    counted = len(batches)
+    if dist.sharded:  # each forward all-gathers the blocks: every process runs as many (rank 0's share is the largest)
+        batches += [batches[-1] if batches else [0]] * (len(eval_batches(enc, batch_size, 0, dist.world)) - counted)
+    for i, index in enumerate(_eval_bar(batches, progress)):
         inputs = {key: v.to(dist.device) for key, v in collate(enc, index, pad_id).items()}
         if trim:
             inputs = answer_logits_only(inputs)
@@ -474,12 +501,16 @@ def evaluate(model: torch.nn.Module, enc: Encoded | None, task: str, *, num_labe
             else:
                 out = model(**inputs)
                 loss = out.loss
+        if i >= counted:  # a repeat that only keeps the processes in step
+            continue
         units = float(enc.units[index].sum())
         loss_sum += torch.tensor([float(loss) * units, units], dtype=torch.float64)
         if task == "classification":
             pred = out.logits.argmax(-1).cpu()
             confusion.index_put_((inputs["labels"].cpu(), pred), torch.ones(len(index), dtype=torch.float64),
                                  accumulate=True)
+    if dist.sharded:
+        fsdp.reshard(model)
     confusion, loss_sum = all_sum(dist, confusion), all_sum(dist, loss_sum)
     model.train(was_training)
     loss = float(loss_sum[0] / max(loss_sum[1], 1))

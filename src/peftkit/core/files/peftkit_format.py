@@ -47,9 +47,18 @@ def write(tuned: Any, name: str, folder: Path) -> None:
         "name": name,
         "method": config.method,
         "config": config.to_dict(),
-        "base": fingerprint(tuned.model, tuned.sites(name), whole_sites(tuned.deltas(name))),
+        "base": base_fingerprint(tuned, name),
         "files": {WEIGHTS: {"sha256": sha256_file(weights), "bytes": weights.stat().st_size}},
     })
+
+
+def base_fingerprint(tuned: Any, name: str) -> dict[str, Any]:
+    """The fingerprint of adapter `name`'s base, or the one `tuned` pinned (a sharded model's base,
+    fingerprinted before it was sharded: see `train/fsdp.py`)."""
+    pinned = getattr(tuned, "pinned_fingerprint", None)
+    if pinned is not None:
+        return pinned(name)
+    return fingerprint(tuned.model, tuned.sites(name), whole_sites(tuned.deltas(name)))
 
 
 def whole_sites(deltas: Iterable[tuple[str, Any]]) -> set[str]:
