@@ -4,8 +4,6 @@ the same global batch, sharded checkpoints resume on 1 and on 2 processes, two "
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import adapter_tensors
+from support import adapter_tensors, free_port, process_env
 
 from peftkit.train.checkpoint import CheckpointError, verify
 from peftkit.train.config import TrainConfig
@@ -25,21 +23,12 @@ STEPS = 4
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PEFTKIT_CACHE=str(tmp / "cache"))
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return process_env(PEFTKIT_CACHE=str(tmp / "cache"))
 
 
 def _torchrun(tmp: Path, steps: list[dict[str, Any]], *launch: str) -> list[dict[str, Any]]:
     """Run tests/fsdp_driver.py's `steps` in 2 processes; the results rank 0 printed."""
-    launch = launch or ("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()))
+    launch = launch or ("--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()))
     cmd = [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / "tests" / "fsdp_driver.py"),
            json.dumps(steps)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp), timeout=600)
@@ -134,7 +123,7 @@ def test_sharded_checkpoint_resumes_on_one_and_two_processes(tmp_path, bert_dir,
 def test_two_nodes_and_accelerate_launch_equal_one_process(tmp_path, bert_dir, sentiment_csv) -> None:
     case = {"model": str(bert_dir), "data": str(sentiment_csv), "lr": 0.01, "method": "lora"}
     out = tmp_path / "nodes"
-    port = _free_port()
+    port = free_port()
     steps = json.dumps([{"config": _config(case, out, 4, strategy="fsdp")}])
     procs = []
     for node in (0, 1):
@@ -153,7 +142,7 @@ def test_two_nodes_and_accelerate_launch_equal_one_process(tmp_path, bert_dir, s
     # accelerate launch with peftkit's own flags (--multi_gpu: its multi-process launcher, CPUs included)
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                  str(_free_port()), "-m", "peftkit", "train", "--model", str(bert_dir), "--data", str(sentiment_csv),
+                  str(free_port()), "-m", "peftkit", "train", "--model", str(bert_dir), "--data", str(sentiment_csv),
                   "--method", "lora", "--lr", "0.01", "--batch-size", "4", "--max-steps", str(STEPS), "--seed", "1",
                   "--precision", "fp32", "--no-eval-before", "--no-progress", "--strategy", "fsdp",
                   "--out", str(tmp_path / "accelerate")]

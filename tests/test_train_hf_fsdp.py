@@ -5,8 +5,6 @@ the adapter of the same training in one process at the same global batch."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from support import adapter_tensors
+from support import adapter_tensors, free_port, process_env
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import peftkit
@@ -27,15 +25,7 @@ DRIVER = str(ROOT / "tests" / "hf_fsdp_driver.py")
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return process_env()
 
 
 def _run(*launch: str, args: list[str]) -> list[dict[str, Any]]:
@@ -57,7 +47,7 @@ def test_trainer_fsdp_adapter_equals_one_process(tmp_path, llama_dir) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     alone = _run(args=[str(llama_dir), str(one), "8"])
     ranks = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                 "--master_port", str(_free_port()), args=[str(llama_dir), str(two), "8"])
+                 "--master_port", str(free_port()), args=[str(llama_dir), str(two), "8"])
     assert [r["fsdp"] for r in alone] == [False] and [r["fsdp"] for r in ranks] == [True, True]
     # rank 0 wrote every adapter folder (checkpoint-N/adapter by the callback, checkpoint-N and final by
     # the trainer), rank 1 none

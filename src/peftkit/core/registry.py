@@ -86,6 +86,9 @@ class MethodSpec:
     # The method's recommended training settings, read by trainers (`peftkit.train.recipes`): keys of
     # `Recipe` (lr, head_lr, options, base_dropout, probe_head). The engine never reads it.
     recipe: Mapping[str, Any] | None = None
+    # Why the method cannot train with its model sharded across processes (FSDP), when it cannot:
+    # trainers refuse it up front with this reason. None: it shards like any module.
+    unshardable: str | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -359,22 +359,13 @@ def example_rows(cfg: TrainConfig, task: str, src: Source,
     task with one example per record (classification, instruction): blank rows dropped, the held-out
     rows cut to the ``--max-eval-examples`` sample. For building other views of the same examples
     (a prompt around each held-out example, training examples shown in context)."""
-    fill_fields(src, task)
-    if eval_src is not None:
-        fill_fields(eval_src, task)
-        train_rows, eval_rows = list(range(len(src.records))), list(range(len(eval_src.records)))
-    else:
-        train_rows, eval_rows, _ = _split_rows(src, cfg.eval_fraction)
-        eval_src = src
-    notes: list[str] = []
-    train_rows = _drop_blank(src, task, train_rows, notes, "training")
-    eval_rows = _drop_blank(eval_src, task, eval_rows, notes, "held-out") if eval_rows else eval_rows
+    train_rows, eval_src, eval_rows, _, _ = _select_rows(cfg, task, src, eval_src)
     return train_rows, eval_src, [eval_rows[i] for i in sample_index(len(eval_rows), cfg.max_eval_examples)]
 
 
-def prepare(cfg: TrainConfig, tokenizer: Any, task: str, src: Source, eval_src: Source | None = None) -> Prepared:
-    """Tokenised train and held-out sets for `task` (cfg must be `resolved()`). Rows whose text is
-    empty are dropped (`Prepared.notes` says how many); `cfg.max_eval_examples` caps the held-out set."""
+def _select_rows(cfg: TrainConfig, task: str, src: Source, eval_src: Source | None
+                 ) -> tuple[list[int], Source, list[int], str, list[str]]:
+    """(training rows, held-out source, its rows, how the split was made, notes): blank rows dropped."""
     fill_fields(src, task)
     if eval_src is not None:
         fill_fields(eval_src, task)
@@ -386,6 +377,13 @@ def prepare(cfg: TrainConfig, tokenizer: Any, task: str, src: Source, eval_src: 
     notes: list[str] = []
     train_rows = _drop_blank(src, task, train_rows, notes, "training")
     eval_rows = _drop_blank(eval_src, task, eval_rows, notes, "held-out") if eval_rows else eval_rows
+    return train_rows, eval_src, eval_rows, how, notes
+
+
+def prepare(cfg: TrainConfig, tokenizer: Any, task: str, src: Source, eval_src: Source | None = None) -> Prepared:
+    """Tokenised train and held-out sets for `task` (cfg must be `resolved()`). Rows whose text is
+    empty are dropped (`Prepared.notes` says how many); `cfg.max_eval_examples` caps the held-out set."""
+    train_rows, eval_src, eval_rows, how, notes = _select_rows(cfg, task, src, eval_src)
     names = src.label_names
     if task == "classification":
         train, names = _encode_classification(tokenizer, src, train_rows, cfg, names)

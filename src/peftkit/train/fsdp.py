@@ -28,26 +28,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import registry
 from ..core.arch import block_list
 from ..core.linear import is_quantized
 from ..errors import PeftkitError
 from .distributed import Dist
-
-# methods that cannot train sharded, and why (checked before anything is loaded)
-REFUSED = {
-    "sparse_adapter": "its SNIP / GraSP masks are scored from gradients of whole weights before training",
-    "adalora": "its rank budget re-ranks singular values across all layers between steps",
-}
 
 
 class ShardingError(PeftkitError):
     """A run asked for something that sharded training (FSDP) cannot do."""
 
 
+def unshardable(method: str) -> str | None:
+    """Why registered method `method` cannot train sharded (its own declaration), or None."""
+    return registry.get(method).unshardable
+
+
 def check_method(method: str, strategy: str) -> None:
     """Refuse, up front, a method that cannot train under `strategy`."""
-    if strategy == "fsdp" and method in REFUSED:
-        raise ShardingError(f"method {method!r} cannot train with --strategy fsdp: {REFUSED[method]}; use "
+    why = unshardable(method) if strategy == "fsdp" else None
+    if why:
+        raise ShardingError(f"method {method!r} cannot train with --strategy fsdp: {why}; use "
                             "--strategy ddp, or another method.")
 
 

@@ -65,12 +65,13 @@ def _uses_fsdp(args: Any) -> bool:
 
 
 def check_fsdp(tuned: TunedModel) -> None:
-    """Refuse, before training, an adapter whose method cannot train sharded (`fsdp.REFUSED`)."""
+    """Refuse, before training, an adapter whose method cannot train sharded (`MethodSpec.unshardable`)."""
     for name in tuned.adapters:
         method = tuned.config_of(name).method
-        if method in fsdp.REFUSED:
+        why = fsdp.unshardable(method)
+        if why:
             raise fsdp.ShardingError(f"method {method!r} cannot train under transformers.Trainer's FSDP: "
-                                     f"{fsdp.REFUSED[method]}; train it without fsdp (DDP), or use another method.")
+                                     f"{why}; train it without fsdp (DDP), or use another method.")
 
 
 def fingerprints(tuned: TunedModel) -> dict[str, dict[str, Any]]:

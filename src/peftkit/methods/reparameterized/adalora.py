@@ -276,4 +276,5 @@ register(MethodSpec(
     hf=ADALORA_CODEC,
     identity_at_init=True,
     controller=lambda config: RankAllocator(config, AdaLoraLinear),
+    unshardable="its rank budget re-ranks singular values across all layers between steps",
 ))

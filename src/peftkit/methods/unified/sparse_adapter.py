@@ -215,4 +215,5 @@ register(MethodSpec(
     summary="Any delta method pruned once at init (snip/grasp/magnitude/random, global or per-layer); "
             "stores kept weights + bitmask.",
     controller=SparseController,
+    unshardable="its SNIP / GraSP masks are scored from gradients of whole weights before training",
 ))
