@@ -51,6 +51,17 @@ def default_job() -> tuple[object, object]:
 INSTRUCTION = ["--model", "smollm2", "--data", "chatterbot"]
 
 
+def _fit(trainer: object, model: object, out: str) -> tuple[dict, dict, float]:
+    """(metrics before, metrics after, training seconds) of the Trainer's job; the adapter saved under `out`."""
+    before = trainer.evaluate()
+    t0 = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - t0
+    after = trainer.evaluate()
+    model.save_pretrained(os.path.join(out, "adapter"))
+    return before, after, train_seconds
+
+
 def hf_instruction_job(out: str, threads: int, max_steps: int | None, group_by_length: bool, seed: int) -> dict:
     """The instruction job with transformers.Trainer + peft, on peftkit's own token sequences."""
     import torch
@@ -94,12 +105,7 @@ def hf_instruction_job(out: str, threads: int, max_steps: int | None, group_by_l
         train_sampling_strategy="group_by_length" if group_by_length else "random")
     trainer = Trainer(model=model, args=args, train_dataset=rows(prepared.train), eval_dataset=rows(prepared.eval),
                       data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
-    before = trainer.evaluate()
-    t0 = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - t0
-    after = trainer.evaluate()
-    model.save_pretrained(os.path.join(out, "adapter"))
+    before, after, train_seconds = _fit(trainer, model, out)
     return {"metrics": {"loss": after["eval_loss"]}, "metrics_before": {"loss": before["eval_loss"]},
             "train_seconds": train_seconds, "steps": trainer.state.global_step,
             "job_seconds": time.perf_counter() - start}
@@ -158,12 +164,7 @@ def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool,
         train_sampling_strategy="group_by_length" if group_by_length else "random")
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy)
-    before = trainer.evaluate()
-    t0 = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - t0
-    after = trainer.evaluate()
-    model.save_pretrained(os.path.join(out, "adapter"))
+    before, after, train_seconds = _fit(trainer, model, out)
     return {"metrics": {"accuracy": after["eval_accuracy"], "loss": after["eval_loss"]},
             "metrics_before": {"accuracy": before["eval_accuracy"]}, "train_seconds": train_seconds,
             "steps": trainer.state.global_step, "job_seconds": time.perf_counter() - start}

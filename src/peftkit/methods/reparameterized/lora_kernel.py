@@ -12,7 +12,7 @@ backward and pass over large tensors as few times as they can.
 Plain autograd keeps, per adapted projection, a dropped copy of x, the mask and h, and reads x once per
 projection each way. Products are ordered the way CPU BLAS runs fast (contiguous skinny operands;
 gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask takes 16 random bits per entry,
-three entries per random int64: a quarter of the cost of ``bernoulli_`` on a CPU.
+three entries per random int64: fewer random words than ``bernoulli_`` draws, one per entry.
 
 Shapes: x (…, in), A (r, in), B (out, r), y (…, out). With the same mask they compute what
 ``y + F.linear(F.linear(x * mask / keep, A), B) * s`` computes (tests/test_lora_kernel.py).
