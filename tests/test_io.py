@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -154,6 +155,23 @@ def test_other_precision_of_the_same_base_loads_with_a_note(tmp_path):
     model = tiny_llama().to(torch.bfloat16)
     with pytest.warns(UserWarning, match="statistically"):
         peftkit.load(model, tmp_path / "a")
+
+
+def test_a_base_trained_in_lower_precision_matches_its_full_precision_original(tmp_path):
+    """`--precision bf16` trains on the base cast to bfloat16: its adapter loads onto the float32 original
+    silently (the same weights, cast), onto a bfloat16 copy too; other weights still get the note."""
+    base = tiny_llama().to(torch.bfloat16)
+    tuned = peftkit.attach(base, peftkit.config("lora", targets="all-linear"))
+    tuned.save(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peftkit.load(tiny_llama(), tmp_path / "a")
+        peftkit.load(tiny_llama().to(torch.bfloat16), tmp_path / "a")
+    other = tiny_llama()
+    with torch.no_grad():
+        next(iter(other.model.layers[0].self_attn.q_proj.parameters())).add_(1e-4)
+    with pytest.warns(UserWarning, match="statistically"):  # a nudged weight is not the same base, cast or not
+        peftkit.load(other, tmp_path / "a")
 
 
 def test_missing_extra_and_misshapen_tensors(tmp_path):

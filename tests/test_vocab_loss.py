@@ -63,3 +63,34 @@ def test_never_holds_the_logits():
     loss.backward()
     assert kept < hidden.numel() * 4 + 2 * 64 * 8 * 2 + 4096  # hidden, labels, a log-sum-exp per row
     assert kept < 2 * 63 * 5000 * 4 / 10  # a tenth of the float32 logits
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_gradients_for_a_trained_head_with_bias(rows):
+    """Full fine-tuning trains the output projection too: its weight and bias get the reference gradients."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 26, 8, generator=g, requires_grad=True)
+    head = torch.nn.Linear(8, 300)
+    labels = torch.randint(0, 300, (2, 26), generator=g)
+    labels[0, :9] = -100
+    reference = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).reshape(-1, 300), labels[:, 1:].reshape(-1))
+    expected = torch.autograd.grad(2.5 * reference, (hidden, head.weight, head.bias))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vocab_loss, "CHUNK_ELEMENTS", rows * 300)
+        loss = vocab_loss.causal_lm_loss(hidden, head, labels)
+    got = torch.autograd.grad(2.5 * loss, (hidden, head.weight, head.bias))
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_under_no_grad_it_computes_only_the_loss(monkeypatch):
+    """An evaluation does not pay for gradients it will never use."""
+    calls = []
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or torch.matmul(*a))
+    hidden, head = torch.randn(1, 10, 8, requires_grad=True), torch.nn.Linear(8, 50)
+    with torch.no_grad():
+        vocab_loss.causal_lm_loss(hidden, head, torch.randint(0, 50, (1, 10)))
+    assert calls == []
+    vocab_loss.causal_lm_loss(hidden, head, torch.randint(0, 50, (1, 10)))
+    assert calls

@@ -6,7 +6,9 @@ Sites the adapter stores whole (a task head, ``trainable_modules``, tuned norms 
 form's full copies) are left out of the hash and the sketch: their base values are never used, and a
 new task head is freshly (randomly) initialised on every load. The hash tells "same weights, bit for
 bit"; when it differs, the sketch tells "the same model in another precision or quantization" (close
-statistics) from "a different model" (not close).
+statistics) from "a different model" (not close). The hashed tensors' dtypes are recorded too, so a
+base trained in lower precision (``--precision bf16`` loads it so) is recognised bit for bit in the
+precision it was stored in: the same weights, cast the way the trainer cast them, hash the same.
 """
 
 from __future__ import annotations
@@ -53,21 +55,39 @@ def geometry(model: nn.Module) -> dict[str, int]:
     return {k: v for k in GEOMETRY if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool)}
 
 
+def _digest(tensors: dict[str, dict[str, torch.Tensor]], whole: set[str],
+            dtypes: dict[str, dict[str, str]] | None = None) -> str:
+    """The exact hash of the sites not stored whole; with `dtypes`, each float tensor first cast to the
+    dtype recorded for it."""
+    digest = hashlib.sha256()
+    for site, by_key in tensors.items():
+        if site in whole:
+            continue
+        for key, t in sorted(by_key.items()):
+            recorded = (dtypes or {}).get(site)
+            cast = recorded.get(key) if isinstance(recorded, dict) else None
+            if isinstance(cast, str) and t.is_floating_point() and str(t.dtype) != cast:
+                target = getattr(torch, cast.removeprefix("torch."), None)
+                t = t.to(target) if isinstance(target, torch.dtype) and target.is_floating_point else t
+            digest.update(f"{site}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(_tensor_bytes(t))
+    return digest.hexdigest()
+
+
 def fingerprint(model: nn.Module, sites: list[str], whole: Iterable[str] = ()) -> dict[str, Any]:
     """Fingerprint of `model` at `sites` (module names of the raw model); `whole` are the sites the
     adapter stores whole, whose shapes are recorded but not their values."""
     whole = set(whole)
-    digest = hashlib.sha256()
-    shapes: dict[str, dict[str, list[int]]] = {}
+    tensors = _site_tensors(model, sites)
+    shapes = {site: {k: list(v.shape) for k, v in sorted(by_key.items())} for site, by_key in tensors.items()}
     sketch: dict[str, dict[str, list[float]]] = {}
-    for site, tensors in _site_tensors(model, sites).items():
-        shapes[site] = {k: list(v.shape) for k, v in sorted(tensors.items())}
+    dtypes: dict[str, dict[str, str]] = {}
+    for site, by_key in tensors.items():
         if site in whole:
             continue
-        sketch[site] = {}
-        for key, t in sorted(tensors.items()):
-            digest.update(f"{site}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(_tensor_bytes(t))
+        sketch[site], dtypes[site] = {}, {}
+        for key, t in sorted(by_key.items()):
+            dtypes[site][key] = str(t.dtype)
             if t.is_floating_point() and t.numel():
                 t64 = t.detach().double()
                 sketch[site][key] = [t64.mean().item(), t64.square().mean().sqrt().item()]
@@ -79,7 +99,8 @@ def fingerprint(model: nn.Module, sites: list[str], whole: Iterable[str] = ()) -
         "geometry": geometry(model),
         "shapes": shapes,
         "whole": sorted(whole & set(shapes)),
-        "weights_sha256": digest.hexdigest(),
+        "weights_sha256": _digest(tensors, whole),
+        "dtypes": dtypes,
         "sketch": sketch,
     }
 
@@ -121,6 +142,9 @@ def compare(saved: dict[str, Any], model: nn.Module, whole: Iterable[str] = ()) 
                 errors.append(f"{site}.{key} has shape {tuple(now)} in the model but {tuple(shape)} in the adapter's base")
     if errors or current["weights_sha256"] == saved.get("weights_sha256"):
         return errors, []
+    if isinstance(saved.get("dtypes"), dict) and _digest(_site_tensors(model, sites), whole,
+                                                          saved["dtypes"]) == saved.get("weights_sha256"):
+        return [], []  # the same weights, which the adapter's run held in lower precision
     compared, exact = 0, True
     for site, stats in saved.get("sketch", {}).items():
         if site in whole:

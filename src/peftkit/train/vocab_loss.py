@@ -4,8 +4,10 @@ A small LM's largest tensors in training are its logits: (tokens × vocabulary) 
 backward, plus their softmax gradient (SmolLM2-135M, 49,152 words: 200 MB for a batch of 4 × 256).
 Here the model stops at its last hidden states (the output projection is skipped), and the loss
 ``mean over labelled positions of logsumexp(h·Wᵀ + b) − (h·Wᵀ + b)[label]`` is computed on chunks of
-rows; backward recomputes each chunk's logits from h and W. What is kept: h (tokens × hidden) and one
-log-sum-exp per row. The same loss and gradients as transformers' causal-LM loss (the labels shifted
+rows. The loss is a scalar, so its gradients are known in forward: each chunk's softmax, made in place
+of its logits, gives its rows' gradient for h (and for W and b when they train) at once, and backward only
+scales them. What is kept: the gradient for h (tokens × hidden, float32), no logits; nothing is recomputed,
+so it costs the model's own loss in time. The same loss and gradients as transformers' causal-LM loss (the labels shifted
 by one, −100 ignored, float32 logits), to float rounding.
 
 `VocabLoss.probe` decides per model: it compares the model's own logits with ``h·Wᵀ + b`` on a few
@@ -28,42 +30,48 @@ CHUNK_ELEMENTS = 1 << 24  # logits computed at once: 64 MiB in float32
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and, in the same pass over each chunk's logits, the gradients for the
+    inputs that need one (the loss is a scalar: backward only scales them). Backward never recomputes
+    the logits."""
+
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                labels: torch.Tensor, rows: int) -> torch.Tensor:
+                labels: torch.Tensor, rows: int, grad_enabled: bool) -> torch.Tensor:
+        # needs_input_grad does not know that the caller runs under no_grad (an evaluation): it is told
+        want_hidden, want_weight, want_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         valid = labels != IGNORE
-        lse = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        weight32 = weight.to(torch.float32)
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
+        grad_weight = torch.zeros_like(weight32) if want_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], rows):
-            logits = _logits(hidden[start:start + rows], weight, bias)  # (rows, V) float32
-            lse[start:start + rows] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, labels[start:start + rows].clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((lse[start:start + rows] - picked) * valid[start:start + rows]).sum()
+            h, y, keep = hidden[start:start + rows], labels[start:start + rows].clamp(min=0), valid[start:start + rows]
+            logits = _logits(h, weight32, bias)  # (rows, V) float32
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)) * keep).sum()
+            if not (want_hidden or want_weight or want_bias):
+                continue
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+            probs[torch.arange(len(y), device=y.device), y] -= 1.0
+            probs *= keep.unsqueeze(1)  # (rows, V): d (summed loss) / d logits
+            if grad_hidden is not None:
+                torch.mm(probs, weight32, out=grad_hidden[start:start + rows])
+            if grad_weight is not None:
+                grad_weight.addmm_(probs.T, h.to(torch.float32))
+            if grad_bias is not None:
+                grad_bias += probs.sum(0)
         count = valid.sum().clamp(min=1)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, count)
-        ctx.rows = rows
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, count)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / count
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, bias, labels, lse, count = ctx.saved_tensors
+        *grads, count = ctx.saved_tensors
         scale = (grad / count).to(torch.float32)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and ctx.needs_input_grad[2] else None
-        for start in range(0, hidden.shape[0], ctx.rows):
-            h, y = hidden[start:start + ctx.rows], labels[start:start + ctx.rows]
-            probs = torch.exp(_logits(h, weight, bias) - lse[start:start + ctx.rows, None])  # softmax, recomputed
-            probs[torch.arange(len(y), device=y.device), y.clamp(min=0)] -= 1.0
-            probs *= (y != IGNORE).unsqueeze(1) * scale  # (rows, V): d loss / d logits
-            if grad_hidden is not None:
-                grad_hidden[start:start + ctx.rows] = (probs @ weight.to(torch.float32)).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += probs.T @ h.to(torch.float32)
-            if grad_bias is not None:
-                grad_bias += probs.sum(0)
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+        return (*(None if g is None else (g * scale).to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)),
+                None, None, None)
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -76,7 +84,7 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) 
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = labels[:, 1:].reshape(-1).to(hidden.device)
     rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
-    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows)
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows, torch.is_grad_enabled())
 
 
 class VocabLoss:
