@@ -21,6 +21,10 @@ Sections:
 - ``causal`` — the causal-LM loss in vocabulary chunks against the model's own (full logits), LoRA.
 - ``inference`` — latency of LoRA merged and unmerged against the base model, and one batch of 8
   requests for 8 different adapters (routed per row) against the 8 run one by one.
+- ``precision`` — ``--precision bf16`` (bfloat16 base weights, bfloat16 autocast, float32 adapters)
+  against float32, LoRA with its defaults: step time, memory, inference latency, and the loss after
+  the same 30 steps from the same start; `peft` under the same autocast over its float32 base as the
+  peer. Only on hardware with native bfloat16 (elsewhere the row says so).
 
 ``--quick`` runs tiny random models for one repeat: a smoke test of this script (tests run it), not a
 measurement. Batches: MiniLM 32×64, SmolLM2 4×256 (random tokens).
@@ -45,7 +49,7 @@ from _common import interleaved_median, saved_activation_bytes  # noqa: E402
 
 import peftkit  # noqa: E402
 
-SECTIONS = ("lora", "methods", "peers", "checkpointing", "compile", "causal", "inference")
+SECTIONS = ("lora", "methods", "peers", "checkpointing", "compile", "causal", "inference", "precision")
 # Methods that need an option to exist at all; every other method runs with its defaults.
 REQUIRED = {"adalora": {"total_steps": 100}, "compose": {"parts": [{"method": "lora"}, {"method": "ln_tuning"}]}}
 
@@ -346,9 +350,69 @@ def section_inference(bench: Bench, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _autocast_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    step = train_step(model, batch)
+
+    def run() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            step()
+
+    return run
+
+
+def _loss_after(step: Callable[[], None], model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int,
+                bf16: bool) -> float:
+    for _ in range(steps):
+        step()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return float(model(**batch).loss)
+
+
+def section_precision(bench: Bench, repeats: int) -> list[dict[str, Any]]:
+    from peftkit.train.precision import native_bf16
+
+    if not native_bf16(torch.device("cpu")):
+        return [{"model": bench.name, "note": "this CPU has no native bfloat16 (AMX / AVX-512 BF16): --precision bf16 is refused"}]
+
+    def lora(bf16: bool) -> peftkit.TunedModel:
+        torch.manual_seed(0)
+        base = bench.make().to(torch.bfloat16) if bf16 else bench.make()
+        return peftkit.attach(base, peftkit.config("lora", init="random")).train()
+
+    fp32, bf16 = lora(False), lora(True)
+    theirs = peft_model(bench, "all-linear", 0.0).train()
+    times = interleaved_median({"fp32": train_step(fp32, bench.batch), "bf16": _autocast_step(bf16, bench.batch),
+                                "peft bf16": _autocast_step(theirs, bench.batch)}, repeats=repeats)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mem_bf16, mem_peft = memory(bf16, bench.batch), memory(theirs, bench.batch)
+    mem_fp32 = memory(fp32, bench.batch)
+    steps = 2 if bench.quick else 30
+    fp32, bf16 = lora(False), lora(True)  # fresh, the same start
+    loss32 = _loss_after(train_step(fp32, bench.batch), fp32, bench.batch, steps, bf16=False)
+    loss16 = _loss_after(_autocast_step(bf16, bench.batch), bf16, bench.batch, steps, bf16=True)
+    fp32.eval(), bf16.eval()
+    base32, base16 = bench.make().eval(), bench.make().to(torch.bfloat16).eval()
+
+    def bf16_inference(model: torch.nn.Module) -> Callable[[], None]:
+        step = _inference_step(model, bench.batch)
+
+        def run() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                step()
+
+        return run
+
+    infer = interleaved_median({"fp32": _inference_step(base32, bench.batch), "bf16": bf16_inference(base16)},
+                               repeats=repeats)
+    return [{"model": bench.name, "lora (defaults)": "bf16 / fp32", "step time": times["bf16"] / times["fp32"],
+             "step time / peft bf16": times["bf16"] / times["peft bf16"], "memory": mem_bf16 / mem_fp32,
+             "memory / peft bf16": mem_bf16 / mem_peft, f"loss after {steps} steps": loss16 / loss32,
+             "inference latency (base)": infer["bf16"] / infer["fp32"], "fp32 step (s)": times["fp32"]}]
+
+
 RUNNERS = {"lora": section_lora, "methods": section_methods, "peers": section_peers,
            "checkpointing": section_checkpointing, "compile": section_compile, "causal": section_causal,
-           "inference": section_inference}
+           "inference": section_inference, "precision": section_precision}
 
 
 # -- output -----------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ def test_quick_run_writes_every_section(perf, tmp_path):
     for section in sections:
         assert f"## {section}" in text
         table = text.split(f"## {section}")[1].split("\n## ")[0]
+        if section == "precision" and "no native bfloat16" in table:
+            continue  # a CPU without bf16 gets a row that says so, and no ratios
         ratios = [float(v) for v in re.findall(r"\| (\d+\.\d{3}) ", table)]
         assert ratios and all(r > 0 for r in ratios), section
     assert text.count("| minilm |") >= len(perf.RUNNERS) - 2  # causal rows come from smollm2 only
