@@ -5,6 +5,7 @@ evaluation before and after, adapter saved at the end).
     .venv/bin/python benchmarks/train_e2e.py [--job default|instruction] [--seeds 0 1 2] [--repeats 1]
                                              [--max-steps N] [--threads N]
                                              [--hf-group-by-length] [--peftkit-random-batches]
+                                             [--precision auto|fp32|bf16]
 
 Jobs: ``default`` is `peftkit train` with no arguments (all-MiniLM-L6-v2 classifying Rotten Tomatoes);
 ``instruction`` is ``peftkit train --model smollm2 --data chatterbot`` (SmolLM2-135M, loss on the
@@ -18,8 +19,10 @@ a ratio (peftkit / HF; < 1 is faster) with the held-out accuracy of both. Both s
 same torch thread count. The HF script uses dynamic padding (DataCollatorWithPadding), as the
 usual Trainer recipe does; ``--hf-group-by-length`` also gives it length-grouped batches, and
 ``--peftkit-random-batches`` takes them away from peftkit (``--no-group-by-length``), so both sides
-can be compared with the same batching either way. One seed's accuracy moves by about ±0.005 on this
-split (1 % of 2,490 held-out snippets is 25 of them), so ``--seeds`` runs both sides on each seed and
+can be compared with the same batching either way. ``--precision`` sets both sides' arithmetic:
+peftkit gets ``--precision`` as given; the Trainer gets ``bf16=True`` (autocast over its float32 model)
+whenever that resolves to bf16 on this machine (``auto``: where the CPU has native bfloat16).
+One seed's accuracy moves by about ±0.005 on this split (1 % of 2,490 held-out snippets is 25 of them), so ``--seeds`` runs both sides on each seed and
 compares the mean.
 """
 
@@ -62,7 +65,8 @@ def _fit(trainer: object, model: object, out: str) -> tuple[dict, dict, float]:
     return before, after, train_seconds
 
 
-def hf_instruction_job(out: str, threads: int, max_steps: int | None, group_by_length: bool, seed: int) -> dict:
+def hf_instruction_job(out: str, threads: int, max_steps: int | None, group_by_length: bool, seed: int,
+                       bf16: bool) -> dict:
     """The instruction job with transformers.Trainer + peft, on peftkit's own token sequences."""
     import torch
 
@@ -102,7 +106,7 @@ def hf_instruction_job(out: str, threads: int, max_steps: int | None, group_by_l
         warmup_steps=cfg.warmup, lr_scheduler_type=cfg.schedule, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, seed=seed, data_seed=seed, save_strategy="no", report_to=[],
         logging_steps=50, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if group_by_length else "random")
+        train_sampling_strategy="group_by_length" if group_by_length else "random", bf16=bf16)
     trainer = Trainer(model=model, args=args, train_dataset=rows(prepared.train), eval_dataset=rows(prepared.eval),
                       data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
     before, after, train_seconds = _fit(trainer, model, out)
@@ -111,7 +115,7 @@ def hf_instruction_job(out: str, threads: int, max_steps: int | None, group_by_l
             "job_seconds": time.perf_counter() - start}
 
 
-def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool, seed: int) -> dict:
+def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool, seed: int, bf16: bool) -> dict:
     """The job with transformers.Trainer + peft; returns the same fields as `peftkit train --json`."""
     import torch
 
@@ -161,7 +165,7 @@ def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool,
         warmup_steps=cfg.warmup, lr_scheduler_type=cfg.schedule, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, save_strategy="no", report_to=[],
         logging_steps=50, use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
-        train_sampling_strategy="group_by_length" if group_by_length else "random")
+        train_sampling_strategy="group_by_length" if group_by_length else "random", bf16=bf16)
     trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=test_set,
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=accuracy)
     before, after, train_seconds = _fit(trainer, model, out)
@@ -170,18 +174,29 @@ def hf_job(out: str, threads: int, max_steps: int | None, group_by_length: bool,
             "steps": trainer.state.global_step, "job_seconds": time.perf_counter() - start}
 
 
+def resolved_precision(precision: str) -> str:
+    """What `precision` means on this machine's CPU (peftkit's own rule, so both sides agree)."""
+    import torch
+
+    from peftkit.train.precision import resolve
+
+    return resolve(precision, torch.device("cpu"))
+
+
 def run_side(side: str, threads: int, max_steps: int | None, group_by_length: bool,
-             random_batches: bool = False, seed: int = 0, job: str = "default") -> tuple[float, dict]:
+             random_batches: bool = False, seed: int = 0, job: str = "default",
+             precision: str = "auto") -> tuple[float, dict]:
     """(wall seconds, the side's JSON result with ``peak_rss_mb`` added) of one fresh process."""
     out = tempfile.mkdtemp(prefix=f"e2e-{side}-")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if side == "peftkit":
         cmd = [sys.executable, "-m", "peftkit", "train", "--out", out, "--threads", str(threads), "--no-progress",
-               "--json", "--seed", str(seed)] + (["--max-steps", str(max_steps)] if max_steps else [])
+               "--json", "--seed", str(seed), "--precision", precision]
+        cmd += ["--max-steps", str(max_steps)] if max_steps else []
         cmd += (["--no-group-by-length"] if random_batches else []) + (INSTRUCTION if job == "instruction" else [])
     else:
         cmd = [sys.executable, __file__, "--side", "hf", "--job", job, "--out", out, "--threads", str(threads),
-               "--seed", str(seed)]
+               "--seed", str(seed), "--precision", precision]
         cmd += (["--max-steps", str(max_steps)] if max_steps else []) + (["--hf-group-by-length"] if group_by_length else [])
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
@@ -208,12 +223,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--hf-group-by-length", action="store_true")
     parser.add_argument("--peftkit-random-batches", action="store_true", help="peftkit without length grouping")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="both sides' arithmetic (see above) [auto]")
     parser.add_argument("--side", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side == "hf":
         job = hf_instruction_job if args.job == "instruction" else hf_job
-        print(json.dumps(job(args.out, args.threads, args.max_steps, args.hf_group_by_length, args.seed)))
+        print(json.dumps(job(args.out, args.threads, args.max_steps, args.hf_group_by_length, args.seed,
+                             resolved_precision(args.precision) == "bf16")))
         return
     runs: dict[str, list[tuple[float, dict]]] = {"peftkit": [], "hf": []}
     metric = "loss" if args.job == "instruction" else "accuracy"
@@ -222,7 +240,7 @@ def main() -> None:
         order = ("peftkit", "hf") if i % 2 == 0 else ("hf", "peftkit")
         for side in order:
             wall, result = run_side(side, args.threads, args.max_steps, args.hf_group_by_length,
-                                    args.peftkit_random_batches, seed, args.job)
+                                    args.peftkit_random_batches, seed, args.job, args.precision)
             runs[side].append((wall, result))
             print(json.dumps({"side": side, "seed": seed, "wall_s": round(wall, 1),
                               "train_s": round(result["train_seconds"], 1), "steps": result["steps"],
@@ -242,7 +260,7 @@ def main() -> None:
         "train_s": {k: round(v, 1) for k, v in trains.items()},
         f"mean_{metric}": {k: round(v, 4) for k, v in accs.items()},
         "threads": args.threads, "seeds": args.seeds, "repeats": args.repeats, "hf_group_by_length": args.hf_group_by_length,
-        "peftkit_random_batches": args.peftkit_random_batches,
+        "peftkit_random_batches": args.peftkit_random_batches, "precision": resolved_precision(args.precision),
         "load_average": os.getloadavg()[0],
     }))
 
