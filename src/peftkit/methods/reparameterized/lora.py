@@ -31,7 +31,7 @@ from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import base_at, head_names, iter_sites, matches, select
 from ...errors import ConfigError, TargetError
 from .lora_hf import LORA_CODEC
-from .lora_kernel import SharedInput, down, up
+from .lora_kernel import SharedInput, compute_dtype, down, up
 
 INITS = ("kaiming", "gaussian", "random")
 BIASES = ("none", "lora_only", "all")
@@ -111,15 +111,15 @@ class LoraLinear(Delta):
         """h = dropout(x)·Aᵀ, computed with the projections that read the same x when there are some."""
         if self.shared is not None:
             return self.shared.take(self, x)
-        return down(x.to(self.A.dtype), [self.A], self.dropout_p, self.training)[0]
+        return down(x, [self.A], self.dropout_p, self.training)[0]
 
     def _up(self, out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         # without dropout h = x·Aᵀ: backward recomputes it from x, which is kept anyway
-        exact = not (self.dropout_p > 0 and self.training) and x.dtype == self.A.dtype
+        exact = not (self.dropout_p > 0 and self.training) and x.dtype == compute_dtype(self.A)
         return up(out, self._down(x), self.B, self.scaling, (x, self.A) if exact else None)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
-        if self.magnitude is None and out.dtype == self.A.dtype and not torch.compiler.is_compiling():
+        if self.magnitude is None and out.dtype == compute_dtype(self.A) and not torch.compiler.is_compiling():
             return self._up(out, x)
         return super().add_to(out, x, base, base_out)
 

@@ -14,6 +14,10 @@ projection each way. Products are ordered the way CPU BLAS runs fast (contiguous
 gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask takes 16 random bits per entry,
 three entries per random int64: fewer random words than ``bernoulli_`` draws, one per entry.
 
+Under autocast both run in the autocast dtype, forward and backward, as a plain ``F.linear`` under
+autocast does: x is kept as it comes (bfloat16 from a bfloat16 layer), never upcast to a float32 copy,
+and the gradients of A and B are cast to their float32 parameters at the end (`compute_dtype`).
+
 Shapes: x (…, in), A (r, in), B (out, r), y (…, out). With the same mask they compute what
 ``y + F.linear(F.linear(x * mask / keep, A), B) * s`` computes (tests/test_lora_kernel.py).
 """
@@ -44,6 +48,15 @@ def _mask(x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
     return (chunks < levels - _LEVELS // 2).reshape(-1)[: x.numel()].view(x.shape)
 
 
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """The dtype the delta's products run in: autocast's where it is on (for a float parameter), else the
+    parameter's own."""
+    device = param.device.type
+    if param.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return param.dtype
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -52,47 +65,54 @@ class _Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, keep: float, seed: int | None, mask: torch.Tensor | None,
                 *As: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype(As[0])
+        x_in, x = x.dtype, x.to(dtype)
         if seed is not None:
             mask = _mask(x, round(keep * _LEVELS), seed)
         ctx.save_for_backward(x, mask, *As)  # the mask as booleans: a quarter of a float copy of x
-        ctx.keep = keep
+        ctx.keep, ctx.dtypes = keep, (dtype, x_in)
         dropped = x if mask is None else x * mask
-        return F.linear(dropped, torch.cat(As)).mul_(1.0 / keep)  # (…, Σr): all in one pass; 1/keep on the small side
+        return F.linear(dropped, torch.cat(As).to(dtype)).mul_(1.0 / keep)  # (…, Σr): all in one pass; 1/keep on the small side
 
     @staticmethod
     def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, mask, *As = ctx.saved_tensors
-        grad_h = grad_h.to(As[0].dtype) / ctx.keep  # under autocast the forward ran in half precision
+        dtype, x_in = ctx.dtypes
+        grad_h = grad_h.to(dtype) / ctx.keep
+        A = torch.cat(As).to(dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.linear(grad_h, torch.cat(As).T)
+            grad_x = F.linear(grad_h, A.T)
             if mask is not None:
                 grad_x.mul_(mask)
-        dropped = (x if mask is None else x * mask).to(grad_h.dtype)
-        grad_A = (_rows(grad_h).T @ _rows(dropped)).split([A.shape[0] for A in As])  # (Σr, N)·(N, in)
-        return grad_x, None, None, None, *grad_A
+            grad_x = grad_x.to(x_in)
+        dropped = x if mask is None else x * mask
+        grad_A = (_rows(grad_h).T @ _rows(dropped)).split([a.shape[0] for a in As])  # (Σr, N)·(N, in)
+        return grad_x, None, None, None, *(g.to(a.dtype) for g, a in zip(grad_A, As, strict=True))
 
 
 class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
                 x: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+        dtype = compute_dtype(B)
         # Without dropout h = x·Aᵀ is recomputed in backward from x (which `down` keeps anyway) rather than kept.
         ctx.save_for_backward(*((x, A) if x is not None else (h,)), B)
-        ctx.scaling, ctx.has_y = scaling, y is not None
-        Bt = B.T.contiguous()  # (r, out)
+        ctx.scaling, ctx.has_y, ctx.dtype = scaling, y is not None, dtype
+        h, Bt = h.to(dtype), B.T.to(dtype).contiguous()  # (r, out)
         if y is None:
             return (_rows(h) @ Bt).mul_(scaling).view(*h.shape[:-1], B.shape[0])
-        return torch.addmm(_rows(y), _rows(h), Bt, alpha=scaling).view(y.shape)
+        return torch.addmm(_rows(y).to(dtype), _rows(h), Bt, alpha=scaling).view(y.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         *kept, B = ctx.saved_tensors
-        grad = grad.to(B.dtype)  # under autocast the forward ran in half precision
-        h = (F.linear(kept[0].to(B.dtype), kept[1]) if len(kept) == 2 else kept[0]).to(B.dtype)
-        grad_h = F.linear(grad, B.T.contiguous()) * ctx.scaling  # g·B with B's columns contiguous: the fast layout
+        dtype = ctx.dtype
+        grad = grad.to(dtype)
+        h = (F.linear(kept[0].to(dtype), kept[1].to(dtype)) if len(kept) == 2 else kept[0]).to(dtype)
+        grad_h = F.linear(grad, B.T.to(dtype).contiguous()) * ctx.scaling  # g·B with B's columns contiguous: the fast layout
         grad_B = (_rows(h).T @ _rows(grad)).T * ctx.scaling  # (r, N)·(N, out), transposed
-        return (grad if ctx.has_y else None), grad_h, grad_B, None, None, None
+        return (grad if ctx.has_y else None), grad_h, grad_B.to(B.dtype), None, None, None
 
 
 def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: bool = False,
@@ -133,7 +153,7 @@ class SharedInput:
         """`member`'s h for input `x`."""
         if self._x is not x or id(member) not in self._pending:
             first = self.members[0]
-            hs = down(x.to(first.A.dtype), [m.A for m in self.members], first.dropout_p, first.training)
+            hs = down(x, [m.A for m in self.members], first.dropout_p, first.training)
             self._x, self._pending = x, {id(m): h for m, h in zip(self.members, hs, strict=True)}
         h = self._pending.pop(id(member))
         if not self._pending:
