@@ -335,3 +335,39 @@ def test_pareto_front_by_hand():
     points = [(10, 0.80), (100, 0.85), (50, 0.70), (1000, 0.84), (5, 0.60), (10, 0.75)]
     assert plots.pareto(points, lower_is_better=False) == [4, 0, 1]
     assert plots.pareto([(10, 2.0), (100, 1.5), (50, 2.5), (5, 3.0)], lower_is_better=True) == [3, 0, 1]
+
+
+def test_a_signal_to_the_bench_alone_stops_its_worker_with_a_checkpoint(tmp_path, bert_dir, sentiment_csv, chat_jsonl):
+    """`kill <bench>` (SIGTERM to the parent process only, not its group): the worker running the training
+    is told to finish its step and checkpoint, nothing keeps running, and the same command again resumes
+    that run from its checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from support import process_env
+
+    from peftkit.train.checkpoint import STATE
+
+    out = tmp_path / "b"
+    argv = [sys.executable, "-m", "peftkit", "bench", "--model", str(bert_dir), "--data", str(sentiment_csv),
+            "--forgetting-data", str(chat_jsonl), "--forgetting-examples", "4", "--methods", "lora", "--seeds", "1",
+            "--batch-size", "4", "--max-steps", "300", "--threads", "1", "--no-progress", "--out", str(out)]
+    bench = subprocess.Popen(argv, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = out / "runs" / "lora-seed0"
+    deadline = time.monotonic() + 300
+    while not (run / "metrics.jsonl").exists() and bench.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # inside the training loop
+    assert bench.poll() is None, bench.communicate()
+    bench.send_signal(signal.SIGTERM)
+    _, err = bench.communicate(timeout=300)
+    assert bench.returncode == 130, err[-2000:]
+    state = json.loads((run / "checkpoint" / STATE).read_text())
+    assert not (out / "records").exists() and 0 < state["step"] < 300, err[-2000:]
+
+    again = subprocess.run(argv + ["--json"], env=process_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    record = json.loads((out / "records" / "lora-seed0.json").read_text())
+    assert record["resumed"] and record["time"]["steps"] == 300

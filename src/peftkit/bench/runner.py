@@ -10,16 +10,18 @@ and runs each job in a fresh process (`worker`), so a killed bench loses at most
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +174,16 @@ def _execute(job: dict[str, Any], isolated: bool) -> None:
                             text=True)
     try:
         stdout, _ = proc.communicate()
-    except KeyboardInterrupt:  # the worker got the signal too: let it write its checkpoint
+    except KeyboardInterrupt:
+        # A terminal's Ctrl-C reaches the worker too, a signal sent to this process alone does not: SIGTERM
+        # asks the worker's trainer to finish its step and checkpoint either way (a second Ctrl-C kills it).
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait()
         except KeyboardInterrupt:
             proc.kill()
+            proc.wait()
         raise
     if proc.returncode == 130:
         raise KeyboardInterrupt
@@ -207,6 +214,31 @@ def run_bench(plan: BenchPlan, out: str | Path, *, progress: bool = True, isolat
     env = environment()
     record.write_settings(out, identity, {"preset": plan.preset, "entries": [s.to_dict() for s in plan.specs],
                                           "seeds": plan.seeds, "environment": env})
+    with _terminate_as_interrupt():
+        return _run(plan, out, continued, env, progress=progress, isolated=isolated, echo=echo, warn=warn)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill`) stops the bench the way Ctrl-C does: the run in progress checkpoints, records are kept."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(plan: BenchPlan, out: Path, continued: bool, env: dict[str, Any], *, progress: bool, isolated: bool,
+         echo: Callable[[str], None], warn: Callable[[str], None] | None) -> dict[str, Any]:
     runs = plan.runs()
     bar = Progress(len(runs) + 1, show=progress)
     failures: list[str] = []
