@@ -147,12 +147,18 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def write(out: Path, rows: list[dict[str, Any]], base: dict[str, Any], plan: Any) -> dict[str, str]:
-    """results.md (the table, the settings) and results.csv; returns their paths."""
+def write(out: Path, rows: list[dict[str, Any]], base: dict[str, Any], plan: Any,
+          env: dict[str, Any] | None = None) -> dict[str, str]:
+    """results.md (the table, the settings, the environment) and results.csv; returns their paths."""
     settings = plan.settings
     header = [f"# peftkit bench: {settings.model} on {settings.data} ({plan.task})", "",
               f"Preset {plan.preset}; {plan.seeds} seed(s); {settings.max_steps} steps per training run; held-out "
               f"sample {settings.max_eval_examples or 'all'}; mean ± std over seeds.", ""]
+    if env:
+        header[-1:] = [f"Machine: {env.get('processor') or env.get('machine')}, {env.get('cpus')} CPUs, "
+                       f"{env.get('threads')} torch threads, {env.get('device', 'cpu')}, precision "
+                       f"{env.get('precision', settings.precision)}; peftkit {env.get('peftkit')}, torch "
+                       f"{env.get('torch')}, transformers {env.get('transformers')}, Python {env.get('python')}.", ""]
     write_text(out / "results.md", "\n".join(header) + markdown(rows, base) + "\n")
     write_text(out / "results.csv", to_csv(rows))
     return {"table": str(out / "results.md"), "csv": str(out / "results.csv")}

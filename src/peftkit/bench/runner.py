@@ -131,16 +131,34 @@ def _attach_problem(model: Any, spec: RunSpec) -> str | None:
     return None
 
 
-def environment() -> dict[str, Any]:
-    """Versions and machine, recorded with the results."""
+def environment(precision: str = "auto") -> dict[str, Any]:
+    """Versions, machine and the arithmetic `precision` resolves to there, recorded with the results."""
     import torch
     import transformers
 
+    from ..train.precision import resolve
     from ..version import __version__
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = resolve(precision, device)
+    except PeftkitError:
+        resolved = precision
     return {"peftkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor()}
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": _cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device.type,
+            "precision": resolved}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _job(plan: BenchPlan, out: Path, kind: str, spec: RunSpec | None = None, seed: int = 0,
@@ -211,7 +229,7 @@ def run_bench(plan: BenchPlan, out: str | Path, *, progress: bool = True, isolat
     continued = record.check_folder(out, identity)
     for note in plan.notes:
         (warn or echo)(note)
-    env = environment()
+    env = environment(plan.settings.precision)
     record.write_settings(out, identity, {"preset": plan.preset, "entries": [s.to_dict() for s in plan.specs],
                                           "seeds": plan.seeds, "environment": env})
     with _terminate_as_interrupt():
@@ -268,7 +286,7 @@ def _run(plan: BenchPlan, out: Path, continued: bool, env: dict[str, Any], *, pr
         bar.finish(spec, time.perf_counter() - t0)
     records = [r for r in (record.load_record(record.record_path(out, s, seed)) for s, seed in runs) if r]
     rows = aggregate.rows(records, base, [s.label for s in plan.specs])
-    files = aggregate.write(out, rows, base, plan)
+    files = aggregate.write(out, rows, base, plan, env)
     if plots.available():
         files.update(plots.write(out / "plots", rows, base))
     else:
