@@ -64,4 +64,7 @@ register(MethodSpec(
     config_cls=MamConfig,
     build=build,
     summary="MAM adapter: prefix tuning (attention) + scaled parallel adapter (FFN), paper sizes scaled to the model.",
+    # Its prefix MLP and the 4x-scaled parallel adapter collapse the features at the adapters' 1e-3; the new
+    # task head needs prefix tuning's 1e-2 (benchmarks/results/recipes.md).
+    recipe={"lr": 3e-4, "head_lr": 1e-2},
 ))

@@ -113,4 +113,8 @@ register(MethodSpec(
     build=build,
     summary="Train only bias terms (all, or roles such as query + FFN-intermediate); stored as shifts; mergeable.",
     identity_at_init=True,
+    # Shifting biases barely moves the features at first, so a new task head at the biases' rate stays near
+    # the majority class (as under a prefix); the biases themselves need more than the adapters' 1e-3 in a
+    # short run, and collapse the features from about 1e-2 (benchmarks/results/recipes.md).
+    recipe={"lr": 3e-3, "head_lr": 1e-2},
 ))
