@@ -85,12 +85,49 @@ def test_gradients_for_a_trained_head_with_bias(rows):
 
 
 def test_under_no_grad_it_computes_only_the_loss(monkeypatch):
-    """An evaluation does not pay for gradients it will never use."""
+    """An evaluation does not pay for gradients it will never use (the softmax is made only for them)."""
     calls = []
-    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or torch.matmul(*a))
+    real = torch.Tensor.exp_
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda t: calls.append(1) or real(t))
     hidden, head = torch.randn(1, 10, 8, requires_grad=True), torch.nn.Linear(8, 50)
     with torch.no_grad():
         vocab_loss.causal_lm_loss(hidden, head, torch.randint(0, 50, (1, 10)))
     assert calls == []
     vocab_loss.causal_lm_loss(hidden, head, torch.randint(0, 50, (1, 10)))
     assert calls
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix_tuning"])
+def test_under_bf16_autocast_the_same_loss_and_gradients_as_the_models_own(method, monkeypatch):
+    """`--precision bf16`: a bfloat16 base under autocast; the model's own loss takes bfloat16 logits to
+    float32, and so does this one."""
+    monkeypatch.setattr(vocab_loss, "CHUNK_ELEMENTS", 5 * 96)
+    runs = []
+    for chunked in (False, True):
+        torch.manual_seed(0)
+        tuned = peftkit.attach(BUILDERS["llama"]().to(torch.bfloat16), peftkit.config(method)).train()
+        batch = inputs("llama")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = VocabLoss(tuned).loss(tuned, batch)[1] if chunked else tuned(**batch).loss
+        loss.backward()
+        runs.append([loss.detach().float(), *(p.grad.float() for p in tuned.trainable_parameters())])
+    for ours, reference in zip(runs[1], runs[0], strict=True):
+        torch.testing.assert_close(ours, reference, atol=2e-2, rtol=2e-2)
+
+
+def test_under_bf16_autocast_a_trained_head_gets_its_gradients():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 20, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    head = torch.nn.Linear(16, 400).to(torch.bfloat16)
+    labels = torch.randint(0, 400, (2, 20), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = torch.nn.functional.cross_entropy(head(hidden[:, :-1]).float().reshape(-1, 400),
+                                                      labels[:, 1:].reshape(-1))
+    expected = torch.autograd.grad(reference, (hidden, head.weight, head.bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = vocab_loss.causal_lm_loss(hidden, head, labels)
+    got = torch.autograd.grad(loss, (hidden, head.weight, head.bias))
+    torch.testing.assert_close(loss, reference, atol=1e-2, rtol=1e-2)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.dtype == theirs.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-2, rtol=5e-2)

@@ -8,7 +8,8 @@ rows. The loss is a scalar, so its gradients are known in forward: each chunk's 
 of its logits, gives its rows' gradient for h (and for W and b when they train) at once, and backward only
 scales them. What is kept: the gradient for h (tokens × hidden, float32), no logits; nothing is recomputed,
 so it costs the model's own loss in time. The same loss and gradients as transformers' causal-LM loss (the labels shifted
-by one, −100 ignored, float32 logits), to float rounding.
+by one, −100 ignored, the softmax in float32; under autocast the products in autocast's dtype, as there), to
+float rounding.
 
 `VocabLoss.probe` decides per model: it compares the model's own logits with ``h·Wᵀ + b`` on a few
 tokens, so models that change their logits after the projection (soft-capping, scaling) keep the
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 24  # logits computed at once: 64 MiB in float32
@@ -32,50 +34,54 @@ CHUNK_ELEMENTS = 1 << 24  # logits computed at once: 64 MiB in float32
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, in the same pass over each chunk's logits, the gradients for the
     inputs that need one (the loss is a scalar: backward only scales them). Backward never recomputes
-    the logits."""
+    the logits. The products run in `dtype` (autocast's, or float32), the softmax in float32, as
+    transformers' loss under autocast does; gradients accumulate in float32."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                labels: torch.Tensor, rows: int, grad_enabled: bool) -> torch.Tensor:
+                labels: torch.Tensor, rows: int, grad_enabled: bool, dtype: torch.dtype) -> torch.Tensor:
         # needs_input_grad does not know that the caller runs under no_grad (an evaluation): it is told
         want_hidden, want_weight, want_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
-        valid = labels != IGNORE
-        weight32 = weight.to(torch.float32)
-        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_hidden else None
-        grad_weight = torch.zeros_like(weight32) if want_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], rows):
-            h, y, keep = hidden[start:start + rows], labels[start:start + rows].clamp(min=0), valid[start:start + rows]
-            logits = _logits(h, weight32, bias)  # (rows, V) float32
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)) * keep).sum()
-            if not (want_hidden or want_weight or want_bias):
-                continue
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
-            probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            probs *= keep.unsqueeze(1)  # (rows, V): d (summed loss) / d logits
-            if grad_hidden is not None:
-                torch.mm(probs, weight32, out=grad_hidden[start:start + rows])
-            if grad_weight is not None:
-                grad_weight.addmm_(probs.T, h.to(torch.float32))
-            if grad_bias is not None:
-                grad_bias += probs.sum(0)
-        count = valid.sum().clamp(min=1)
+        with torch.autocast(hidden.device.type, enabled=False):  # in-place and out= products take no autocast
+            valid = labels != IGNORE
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(torch.float32)
+            f32 = {"dtype": torch.float32, "device": hidden.device}
+            grad_hidden = torch.empty(hidden.shape, **f32) if want_hidden else None
+            grad_weight = torch.zeros(weight.shape, **f32) if want_weight else None
+            grad_bias = torch.zeros(bias.shape, **f32) if want_bias else None
+            total = torch.zeros((), **f32)
+            for start in range(0, hidden.shape[0], rows):
+                h, y, keep = hidden[start:start + rows].to(dtype), labels[start:start + rows].clamp(min=0), valid[start:start + rows]
+                logits = F.linear(h, w).to(torch.float32)  # (rows, V)
+                if b is not None:
+                    logits += b
+                lse = torch.logsumexp(logits, dim=-1)
+                total += ((lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)) * keep).sum()
+                if not (want_hidden or want_weight or want_bias):
+                    continue
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0
+                probs *= keep.unsqueeze(1)  # (rows, V): d (summed loss) / d logits
+                if grad_bias is not None:
+                    grad_bias += probs.sum(0)
+                probs = probs.to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:start + rows] = probs @ w
+                if grad_weight is not None:
+                    grad_weight += probs.T @ h
+            count = valid.sum().clamp(min=1)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, count)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / count
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         *grads, count = ctx.saved_tensors
         scale = (grad / count).to(torch.float32)
         return (*(None if g is None else (g * scale).to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)),
-                None, None, None)
-
-
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(hidden.to(torch.float32), weight.to(torch.float32), None if bias is None else bias.to(torch.float32))
+                None, None, None, None)
 
 
 def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) -> torch.Tensor:
@@ -84,7 +90,9 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) 
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = labels[:, 1:].reshape(-1).to(hidden.device)
     rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
-    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows, torch.is_grad_enabled())
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows, torch.is_grad_enabled(), dtype)
 
 
 class VocabLoss:
