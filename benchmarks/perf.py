@@ -22,7 +22,7 @@ Sections:
 - ``inference`` — latency of LoRA merged and unmerged against the base model, and one batch of 8
   requests for 8 different adapters (routed per row) against the 8 run one by one.
 - ``precision`` — ``--precision bf16`` (bfloat16 base weights, bfloat16 autocast, float32 adapters)
-  against float32, LoRA with its defaults: step time, memory, inference latency, and the loss after
+  against float32, LoRA on every linear layer (the trainer's default): step time, memory, inference latency, and the loss after
   the same steps from the same start (30 on MiniLM, 10 on SmolLM2); `peft` under the same autocast over its float32 base as the
   peer. Only on hardware with native bfloat16 (elsewhere the row says so).
 
@@ -377,7 +377,7 @@ def section_precision(bench: Bench, repeats: int) -> list[dict[str, Any]]:
     def lora(bf16: bool) -> peftkit.TunedModel:
         torch.manual_seed(0)
         base = bench.make().to(torch.bfloat16) if bf16 else bench.make()
-        return peftkit.attach(base, peftkit.config("lora", init="random")).train()
+        return peftkit.attach(base, peftkit.config("lora", targets="all-linear")).train()  # the trainer's default
 
     fp32, bf16 = lora(False), lora(True)
     theirs = peft_model(bench, "all-linear", 0.0).train()

@@ -289,3 +289,15 @@ def test_an_adapter_for_another_architecture_says_so(tmp_path):
     with pytest.raises(peftkit.errors.BaseMismatchError, match=r"trained on a GPT2LMHeadModel \(gpt2\).*bert"):
         peftkit.load(model, tmp_path / "p")
     assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("dtypes", [{"model.layers.0.self_attn.q_proj": {"weight": "torch.float64"}}, ["x"],
+                                    {"model.layers.0.self_attn.q_proj": "bfloat16"}])
+def test_a_tampered_dtype_record_is_ignored_not_a_crash(tmp_path, dtypes):
+    peftkit.attach(tiny_llama().to(torch.bfloat16), peftkit.config("lora")).save(tmp_path / "a")
+    meta_path = tmp_path / "a" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base"]["dtypes"] = dtypes
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="statistically"):
+        peftkit.load(tiny_llama(), tmp_path / "a")

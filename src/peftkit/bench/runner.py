@@ -140,10 +140,10 @@ def environment(precision: str = "auto") -> dict[str, Any]:
     from ..version import __version__
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = resolve(precision, device)
-    except PeftkitError:
-        resolved = precision
+    resolved = precision
+    if device.type == "cpu":  # resolving on a GPU would start CUDA in this process, which only waits for workers
+        with contextlib.suppress(PeftkitError):
+            resolved = resolve(precision, device)
     return {"peftkit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": _cpu_model(),
@@ -188,20 +188,14 @@ def _execute(job: dict[str, Any], isolated: bool) -> None:
         except PeftkitError as err:
             raise RunFailed(f"{type(err).__name__}: {err}") from None
         return
-    proc = subprocess.Popen([sys.executable, "-m", "peftkit.bench.worker", json.dumps(job)], stdout=subprocess.PIPE,
-                            text=True)
+    proc = None
     try:
+        proc = subprocess.Popen([sys.executable, "-m", "peftkit.bench.worker", json.dumps(job)],
+                                stdout=subprocess.PIPE, text=True)
         stdout, _ = proc.communicate()
-    except KeyboardInterrupt:
-        # A terminal's Ctrl-C reaches the worker too, a signal sent to this process alone does not: SIGTERM
-        # asks the worker's trainer to finish its step and checkpoint either way (a second Ctrl-C kills it).
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            proc.kill()
-            proc.wait()
+    except BaseException:
+        if proc is not None:
+            _stop(proc)
         raise
     if proc.returncode == 130:
         raise KeyboardInterrupt
@@ -213,6 +207,20 @@ def _execute(job: dict[str, Any], isolated: bool) -> None:
         except (ValueError, KeyError, TypeError):
             message = f"the run's process exited with status {proc.returncode} (killed, or out of memory?)"
         raise RunFailed(message)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the worker of an interrupted bench. A terminal's Ctrl-C reaches the worker too, a signal sent to
+    the bench alone does not: SIGTERM asks the worker's trainer to finish its step and checkpoint either way;
+    a second interrupt while it does kills it."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
 
 
 def run_bench(plan: BenchPlan, out: str | Path, *, progress: bool = True, isolated: bool = True,

@@ -25,6 +25,7 @@ from .host import Host
 from .linear import dense_copy, is_quantized
 
 SKETCH_TOLERANCE = 0.05  # relative to the tensor's rms; dtype/quantization changes stay well inside
+CASTS = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16)}  # what a recorded dtype may name
 GEOMETRY = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "vocab_size")
 
@@ -66,9 +67,8 @@ def _digest(tensors: dict[str, dict[str, torch.Tensor]], whole: set[str],
         for key, t in sorted(by_key.items()):
             recorded = (dtypes or {}).get(site)
             cast = recorded.get(key) if isinstance(recorded, dict) else None
-            if isinstance(cast, str) and t.is_floating_point() and str(t.dtype) != cast:
-                target = getattr(torch, cast.removeprefix("torch."), None)
-                t = t.to(target) if isinstance(target, torch.dtype) and target.is_floating_point else t
+            if cast in CASTS and t.is_floating_point() and str(t.dtype) != cast:
+                t = t.to(CASTS[cast])
             digest.update(f"{site}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
             digest.update(_tensor_bytes(t))
     return digest.hexdigest()
@@ -142,8 +142,9 @@ def compare(saved: dict[str, Any], model: nn.Module, whole: Iterable[str] = ()) 
                 errors.append(f"{site}.{key} has shape {tuple(now)} in the model but {tuple(shape)} in the adapter's base")
     if errors or current["weights_sha256"] == saved.get("weights_sha256"):
         return errors, []
-    if isinstance(saved.get("dtypes"), dict) and _digest(_site_tensors(model, sites), whole,
-                                                          saved["dtypes"]) == saved.get("weights_sha256"):
+    recorded = saved.get("dtypes")
+    if isinstance(recorded, dict) and recorded != current["dtypes"] and _digest(
+            _site_tensors(model, sites), whole, recorded) == saved.get("weights_sha256"):
         return [], []  # the same weights, which the adapter's run held in lower precision
     compared, exact = 0, True
     for site, stats in saved.get("sketch", {}).items():
