@@ -296,7 +296,7 @@ def section_causal(bench: Bench, repeats: int) -> list[dict[str, Any]]:
         return []
     from peftkit.train.vocab_loss import VocabLoss
 
-    tuned = _attach(bench, "lora")
+    tuned = _attach(bench, "lora", targets="all-linear")  # as the peer below, and as the trainer trains
     vocab = VocabLoss(tuned)
     assert vocab.usable and vocab.probe(tuned, bench.batch), "the chunked loss does not apply to this model"
     theirs = peft_model(bench, "all-linear", 0.0).train()
