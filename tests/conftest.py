@@ -5,6 +5,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--precision auto` means fp32 in every process a test starts, as `fp32_unless_asked` makes it in this one
+os.environ.setdefault("PEFTKIT_AUTO_PRECISION", "fp32")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402

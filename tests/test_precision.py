@@ -62,3 +62,12 @@ def test_bf16_trains_a_causal_lm_with_the_chunked_loss(tmp_path, monkeypatch, ll
     fp32 = train(TrainConfig(**common, precision="fp32", out=str(tmp_path / "a")), echo=lambda _s: None)
     bf16 = train(TrainConfig(**common, precision="bf16", out=str(tmp_path / "b")), echo=lambda _s: None)
     assert bf16["steps"] == 4 and abs(bf16["metrics"]["loss"] - fp32["metrics"]["loss"]) < 0.05 * fp32["metrics"]["loss"]
+
+
+def test_auto_can_be_pinned_to_fp32_by_the_environment(monkeypatch):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # as on a CPU with AMX
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("PEFTKIT_AUTO_PRECISION", raising=False)
+    assert precision.resolve("auto", cpu) == "bf16"
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "fp32")
+    assert precision.resolve("auto", cpu) == "fp32" and precision.resolve("bf16", cpu) == "bf16"

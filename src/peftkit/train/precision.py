@@ -6,12 +6,14 @@
 - ``fp16``: float16 autocast over a float32 base, with gradient scaling — CUDA only.
 - ``auto``: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU with AMX or
   AVX-512 BF16), else fp32. Elsewhere bf16 is emulated and slower than fp32 by an order of magnitude,
-  so asking for it there is refused.
+  so asking for it there is refused. ``PEFTKIT_AUTO_PRECISION=fp32`` in the environment makes ``auto`` mean
+  fp32 everywhere: results that compare bit for bit across machines (the test suite sets it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -34,6 +36,8 @@ def native_bf16(device: torch.device) -> bool:
 def resolve(precision: str, device: torch.device) -> str:
     """`precision` with ``auto`` decided for `device`; refuses what the device cannot do well."""
     if precision == "auto":
+        if os.environ.get("PEFTKIT_AUTO_PRECISION") == "fp32":
+            return "fp32"
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16" and not native_bf16(device):
         raise ConfigError(f"--precision bf16: this {device.type.upper()} has no native bfloat16 arithmetic (AMX or "
