@@ -102,6 +102,12 @@ def delta_dtype(base: nn.Module) -> torch.dtype:
     return weight.dtype
 
 
+def compute_dtype(device: torch.device | str, default: torch.dtype) -> torch.dtype:
+    """The dtype products run in on `device`: autocast's where it is on, else `default`."""
+    kind = torch.device(device).type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else default
+
+
 def device_of(base: nn.Module) -> torch.device:
     for tensor in (*base.parameters(), *base.buffers()):
         return tensor.device

@@ -6,10 +6,10 @@ Here the model stops at its last hidden states (the output projection is skipped
 ``mean over labelled positions of logsumexp(h·Wᵀ + b) − (h·Wᵀ + b)[label]`` is computed on chunks of
 rows. The loss is a scalar, so its gradients are known in forward: each chunk's softmax, made in place
 of its logits, gives its rows' gradient for h (and for W and b when they train) at once, and backward only
-scales them. What is kept: the gradient for h (tokens × hidden, float32), no logits; nothing is recomputed,
-so it costs the model's own loss in time. The same loss and gradients as transformers' causal-LM loss (the labels shifted
-by one, −100 ignored, the softmax in float32; under autocast the products in autocast's dtype, as there), to
-float rounding.
+scales them. What is kept: the gradient for h (tokens × hidden, float32), no logits, and nothing is
+recomputed. The same loss and gradients as transformers' causal-LM loss (the labels shifted by one, −100
+ignored, the softmax in float32; under autocast the products in autocast's dtype, as there), to float
+rounding.
 
 `VocabLoss.probe` decides per model: it compares the model's own logits with ``h·Wᵀ + b`` on a few
 tokens, so models that change their logits after the projection (soft-capping, scaling) keep the
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from ..core.linear import compute_dtype
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 24  # logits computed at once: 64 MiB in float32
@@ -90,9 +92,8 @@ def causal_lm_loss(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor) 
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = labels[:, 1:].reshape(-1).to(hidden.device)
     rows = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
-    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows, torch.is_grad_enabled(), dtype)
+    return _ChunkedCrossEntropy.apply(hidden, head.weight, head.bias, labels, rows, torch.is_grad_enabled(),
+                                      compute_dtype(hidden.device, torch.float32))
 
 
 class VocabLoss:

@@ -25,13 +25,21 @@ from torch import nn
 from ...core import arch
 from ...core.config import MAX_SIZE, SiteConfig, flag, is_int, is_number, mapping, number, one_of, size
 from ...core.forms.select import BiasShift
-from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
+from ...core.linear import (
+    assign_linear_weight,
+    compute_dtype,
+    delta_dtype,
+    device_of,
+    is_linear,
+    linear_dims,
+    linear_weight,
+)
 from ...core.protocol import Delta
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import base_at, head_names, iter_sites, matches, select
 from ...errors import ConfigError, TargetError
 from .lora_hf import LORA_CODEC
-from .lora_kernel import SharedInput, compute_dtype, down, up
+from .lora_kernel import SharedInput, down, up
 
 INITS = ("kaiming", "gaussian", "random")
 BIASES = ("none", "lora_only", "all")
@@ -115,11 +123,11 @@ class LoraLinear(Delta):
 
     def _up(self, out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
         # without dropout h = x·Aᵀ: backward recomputes it from x, which is kept anyway
-        exact = not (self.dropout_p > 0 and self.training) and x.dtype == compute_dtype(self.A)
+        exact = not (self.dropout_p > 0 and self.training) and x.dtype == compute_dtype(self.A.device, self.A.dtype)
         return up(out, self._down(x), self.B, self.scaling, (x, self.A) if exact else None)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
-        if self.magnitude is None and out.dtype == compute_dtype(self.A) and not torch.compiler.is_compiling():
+        if self.magnitude is None and out.dtype == compute_dtype(self.A.device, self.A.dtype) and not torch.compiler.is_compiling():
             return self._up(out, x)
         return super().add_to(out, x, base, base_out)
 

@@ -15,7 +15,7 @@ gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask takes 
 three entries per random int64: fewer random words than ``bernoulli_`` draws, one per entry.
 
 Under autocast both run in the autocast dtype, forward and backward, as a plain ``F.linear`` under
-autocast does: x is kept as it comes (bfloat16 from a bfloat16 layer), never upcast to a float32 copy,
+autocast does (`core.linear.compute_dtype`): x is kept as it comes (bfloat16 from a bfloat16 layer), never upcast to a float32 copy,
 and the gradients of A and B are cast to their float32 parameters at the end (`compute_dtype`).
 
 Shapes: x (…, in), A (r, in), B (out, r), y (…, out). With the same mask they compute what
@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ...core.linear import compute_dtype
 
 _LEVELS = 1 << 16  # the keep probability in steps of 1/65536
 
@@ -48,15 +50,6 @@ def _mask(x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
     return (chunks < levels - _LEVELS // 2).reshape(-1)[: x.numel()].view(x.shape)
 
 
-def compute_dtype(param: torch.Tensor) -> torch.dtype:
-    """The dtype the delta's products run in: autocast's where it is on (for a float parameter), else the
-    parameter's own."""
-    device = param.device.type
-    if param.is_floating_point() and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return param.dtype
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -65,7 +58,7 @@ class _Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, keep: float, seed: int | None, mask: torch.Tensor | None,
                 *As: torch.Tensor) -> torch.Tensor:
-        dtype = compute_dtype(As[0])
+        dtype = compute_dtype(As[0].device, As[0].dtype)
         x_in, x = x.dtype, x.to(dtype)
         if seed is not None:
             mask = _mask(x, round(keep * _LEVELS), seed)
@@ -95,7 +88,7 @@ class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
                 x: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
-        dtype = compute_dtype(B)
+        dtype = compute_dtype(B.device, B.dtype)
         # Without dropout h = x·Aᵀ is recomputed in backward from x (which `down` keeps anyway) rather than kept.
         ctx.save_for_backward(*((x, A) if x is not None else (h,)), B)
         ctx.scaling, ctx.has_y, ctx.dtype = scaling, y is not None, dtype
