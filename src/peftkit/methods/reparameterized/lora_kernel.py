@@ -50,6 +50,12 @@ def _mask(x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
     return (chunks < levels - _LEVELS // 2).reshape(-1)[: x.numel()].view(x.shape)
 
 
+def _apply(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """t with the dropped entries zeroed: a select, so the boolean mask is never promoted to a float copy
+    (``t * mask`` would make one, per call)."""
+    return t if mask is None else torch.where(mask, t, 0.0)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -64,7 +70,7 @@ class _Down(torch.autograd.Function):
             mask = _mask(x, round(keep * _LEVELS), seed)
         ctx.save_for_backward(x, mask, *As)  # the mask as booleans: a quarter of a float copy of x
         ctx.keep, ctx.dtypes = keep, (dtype, x_in)
-        dropped = x if mask is None else x * mask
+        dropped = _apply(x, mask)
         return F.linear(dropped, torch.cat(As).to(dtype)).mul_(1.0 / keep)  # (…, Σr): all in one pass; 1/keep on the small side
 
     @staticmethod
@@ -76,10 +82,8 @@ class _Down(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = F.linear(grad_h, A.T)
-            if mask is not None:
-                grad_x.mul_(mask)
-            grad_x = grad_x.to(x_in)
-        dropped = x if mask is None else x * mask
+            grad_x = _apply(grad_x, mask).to(x_in)
+        dropped = _apply(x, mask)
         grad_A = (_rows(grad_h).T @ _rows(dropped)).split([a.shape[0] for a in As])  # (Σr, N)·(N, in)
         return grad_x, None, None, None, *(g.to(a.dtype) for g, a in zip(grad_A, As, strict=True))
 
@@ -116,7 +120,7 @@ def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: 
     if not (p > 0 and training):
         keep, seed, mask = 1.0, None, None
     elif mask is not None:
-        keep, seed = 1.0 - p, None
+        keep, seed, mask = 1.0 - p, None, mask.to(torch.bool)
     else:
         keep, seed = keep_levels(p) / _LEVELS, int(torch.randint(0, 2**62, (1,)).item())
     h = _Down.apply(x, keep, seed, mask, *As)
