@@ -90,24 +90,11 @@ def test_keeps_less_for_backward_than_plain_autograd():
     assert reference >= 2 * (x_bytes + x.numel())  # per projection: the dropped copy and a byte per mask entry
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_generated_masks_keep_the_asked_share_at_every_position(p):
-    """16 random bits per entry, three entries per int64: no position (of the three) may be favoured."""
-    from peftkit.methods.reparameterized.lora_kernel import _mask, keep_levels
-
-    x = torch.empty(1000, 999)
-    mask = _mask(x, keep_levels(p), seed=3).float()
-    keep, sd = 1 - p, (p * (1 - p) / mask.numel()) ** 0.5
-    assert abs(mask.mean().item() - keep) < 5 * sd
-    for k in range(3):  # entries taken from each word's first, second and third 16-bit chunk
-        share = mask.reshape(-1)[k::3].mean().item()
-        assert abs(share - keep) < 5 * sd * 3**0.5
-    assert torch.equal(_mask(x, keep_levels(p), seed=3).float(), mask)  # the same seed, the same mask
-
-
 def test_a_generated_mask_is_the_same_in_forward_and_backward():
     """The backward pass draws the mask again from its seed: gradients are those of the forward's mask."""
-    from peftkit.methods.reparameterized.lora_kernel import _LEVELS, _mask, keep_levels
+    from peftkit.core.dropout import LEVELS as _LEVELS
+    from peftkit.core.dropout import keep_levels
+    from peftkit.core.dropout import random_mask as _mask
 
     x, A, B = tensors()
     torch.manual_seed(7)

@@ -11,8 +11,8 @@ backward and pass over large tensors as few times as they can.
 
 Plain autograd keeps, per adapted projection, a dropped copy of x, the mask and h, and reads x once per
 projection each way. Products are ordered the way CPU BLAS runs fast (contiguous skinny operands;
-gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask takes 16 random bits per entry,
-three entries per random int64: fewer random words than ``bernoulli_`` draws, one per entry.
+gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask is `core.dropout`'s: 16 random
+bits per entry, four entries per random int64, a quarter of the random words ``bernoulli_`` draws.
 
 Under autocast both run in the autocast dtype, forward and backward, as a plain ``F.linear`` under
 autocast does (`core.linear.compute_dtype`): x is kept as it comes (bfloat16 from a bfloat16 layer), never upcast to a float32 copy,
@@ -30,30 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...core.dropout import LEVELS, keep_levels, new_seed, random_mask, zero_dropped
 from ...core.linear import compute_dtype
-
-_LEVELS = 1 << 16  # the keep probability in steps of 1/65536
-
-
-def keep_levels(p: float) -> int:
-    """Of the 65,536 values a random 16-bit number takes, how many keep an entry: ``round((1 - p)·65536)``.
-    The kept share is then exact in steps of 1/65536, and the scale is its inverse."""
-    return round((1.0 - p) * _LEVELS)
-
-
-def _mask(x: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
-    """A keep-mask shaped like x, True with probability ``levels / 65536``, from 16 random bits per entry:
-    three entries from each random int64 (its top 16 bits are not all random, so they go unused)."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    words = torch.empty((x.numel() + 2) // 3, dtype=torch.int64, device=x.device).random_(generator=generator)
-    chunks = words.view(torch.int16).view(-1, 4)[:, :3]  # little-endian: the three low 16-bit chunks
-    return (chunks < levels - _LEVELS // 2).reshape(-1)[: x.numel()].view(x.shape)
-
-
-def _apply(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """t with the dropped entries zeroed: a select, so the boolean mask is never promoted to a float copy
-    (``t * mask`` would make one, per call)."""
-    return t if mask is None else torch.where(mask, t, 0.0)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -67,10 +45,10 @@ class _Down(torch.autograd.Function):
         dtype = compute_dtype(As[0].device, As[0].dtype)
         x_in, x = x.dtype, x.to(dtype)
         if seed is not None:
-            mask = _mask(x, round(keep * _LEVELS), seed)
+            mask = random_mask(x, round(keep * LEVELS), seed)
         ctx.save_for_backward(x, mask, *As)  # the mask as booleans: a quarter of a float copy of x
         ctx.keep, ctx.dtypes = keep, (dtype, x_in)
-        dropped = _apply(x, mask)
+        dropped = zero_dropped(x, mask)
         return F.linear(dropped, torch.cat(As).to(dtype)).mul_(1.0 / keep)  # (…, Σr): all in one pass; 1/keep on the small side
 
     @staticmethod
@@ -82,8 +60,8 @@ class _Down(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = F.linear(grad_h, A.T)
-            grad_x = _apply(grad_x, mask).to(x_in)
-        dropped = _apply(x, mask)
+            grad_x = zero_dropped(grad_x, mask).to(x_in)
+        dropped = zero_dropped(x, mask)
         grad_A = (_rows(grad_h).T @ _rows(dropped)).split([a.shape[0] for a in As])  # (Σr, N)·(N, in)
         return grad_x, None, None, None, *(g.to(a.dtype) for g, a in zip(grad_A, As, strict=True))
 
@@ -122,7 +100,7 @@ def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: 
     elif mask is not None:
         keep, seed, mask = 1.0 - p, None, mask.to(torch.bool)
     else:
-        keep, seed = keep_levels(p) / _LEVELS, int(torch.randint(0, 2**62, (1,)).item())
+        keep, seed = keep_levels(p) / LEVELS, new_seed()
     h = _Down.apply(x, keep, seed, mask, *As)
     return [h_i.contiguous() for h_i in h.split([A.shape[0] for A in As], dim=-1)] if len(As) > 1 else [h]
 

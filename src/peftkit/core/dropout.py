@@ -1,0 +1,101 @@
+"""Dropout with its keep-mask drawn from 16 random bits per entry, and a switch that gives a model's own
+dropout layers that mask for the length of a training run.
+
+PyTorch's CPU dropout draws one Bernoulli sample per entry (``bernoulli_``): on a BERT-sized encoder that
+is about a sixth of a training step. Here each random int64 gives four entries 16 bits each, compared
+against a threshold: the kept share is exact in steps of 1/65,536 (``keep_levels``) and the survivors are
+scaled by the inverse of that share, so the expectation is unchanged. The mask is a function of a seed
+drawn from torch's generator, so ``torch.manual_seed`` fixes it as it fixes ``nn.Dropout``'s (the draws
+themselves differ from ``nn.Dropout``'s).
+
+`FastDropout` keeps the mask as booleans for backward, as ``nn.Dropout`` does; `fast_dropout(model)`
+swaps every ``nn.Dropout`` in a model for one while a block runs, and puts the originals back however the
+block ends. Off the CPU (CUDA's dropout is one fused kernel) and under ``torch.compile`` it is plain
+``F.dropout``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEVELS = 1 << 16  # the keep probability in steps of 1/65536
+
+
+def keep_levels(p: float) -> int:
+    """Of the 65,536 values a random 16-bit number takes, how many keep an entry: ``round((1 - p)·65536)``.
+    The kept share is then exact in steps of 1/65536, and the scale is its inverse."""
+    return round((1.0 - p) * LEVELS)
+
+
+def random_mask(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
+    """A keep-mask shaped like `like`, True with probability ``levels / 65536``, from 16 random bits per
+    entry: four entries from each random int64 drawn over the full 64-bit range (every bit random), read
+    as int16 and compared in one contiguous pass."""
+    generator = torch.Generator(device=like.device).manual_seed(seed)
+    words = torch.empty((like.numel() + 3) // 4, dtype=torch.int64, device=like.device)
+    words.random_(-(2**63), None, generator=generator)
+    return (words.view(torch.int16) < levels - LEVELS // 2)[: like.numel()].view(like.shape)
+
+
+def new_seed() -> int:
+    """A mask seed from torch's default generator (so ``torch.manual_seed`` decides it)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def zero_dropped(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """t with the dropped entries zeroed: a select, so the boolean mask is never promoted to a float copy
+    (``t * mask`` would make one per call)."""
+    return t if mask is None else torch.where(mask, t, 0.0)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        levels = keep_levels(p)
+        mask = random_mask(x, levels, new_seed())
+        ctx.save_for_backward(mask)
+        ctx.scale = LEVELS / levels
+        return zero_dropped(x, mask).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (mask,) = ctx.saved_tensors
+        return zero_dropped(grad, mask).mul_(ctx.scale), None
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` with the mask drawn as above (same `p`, same training switch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.training or self.p == 0 or torch.compiler.is_compiling() or not x.is_floating_point()
+                or x.device.type != "cpu"):  # CUDA's dropout is one fused kernel already
+            return F.dropout(x, self.p, self.training, self.inplace)
+        if self.p == 1:
+            return x * 0
+        return _Dropout.apply(x, self.p)
+
+
+@contextlib.contextmanager
+def fast_dropout(model: nn.Module) -> Iterator[int]:
+    """Every ``nn.Dropout`` of `model` (exactly that class, not subclasses with their own behaviour) is a
+    `FastDropout` with the same settings inside the block; yields how many were swapped."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Dropout and child.p > 0:
+                    fast = FastDropout(child.p, child.inplace)
+                    fast.train(child.training)
+                    setattr(parent, name, fast)
+                    swapped.append((parent, name, child))
+        yield len(swapped)
+    finally:
+        for parent, name, original in reversed(swapped):
+            original.train(getattr(parent, name).training)
+            setattr(parent, name, original)
