@@ -88,3 +88,32 @@ def test_compiles_to_one_graph(method, options):
     tuned = _tuned(method, "llama", options)
     explained = torch._dynamo.explain(tuned)(**batch("llama"))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("method,options", [("head_only", {}), ("layer_tuning", {"last_k": 1}), ("lora", {})])
+def test_gradient_checkpointing_never_runs_backward_below_the_lowest_trainable_layer(method, options):
+    """transformers' checkpointing switch also makes the embeddings' output require grad, which only reentrant
+    checkpointing needs; non-reentrant (the default) must not pay for it: no gradient reaches the
+    embeddings' output, and checkpointed a model keeps no more for backward than plain beyond each block's
+    input (which checkpointing holds for its recomputation)."""
+    from test_lora_kernel import saved_bytes
+
+    inputs = batch("bert")
+    plain, checkpointed = _tuned(method, "bert", options), _tuned(method, "bert", options)
+    checkpointed.gradient_checkpointing_enable()
+    embedded = []
+    checkpointed.model.get_input_embeddings().register_forward_hook(lambda m, i, out: embedded.append(out))
+    kept = saved_bytes(lambda: checkpointed(**inputs).loss)
+    assert not embedded[0].requires_grad
+    block_inputs = checkpointed.model.config.num_hidden_layers * 2 * embedded[0].numel() * embedded[0].element_size()
+    assert kept <= saved_bytes(lambda: plain(**inputs).loss) + block_inputs
+
+
+def test_a_callers_own_input_grad_hook_survives_checkpointing():
+    tuned = _tuned("lora", "bert", {})
+    tuned.model.enable_input_require_grads()
+    tuned.gradient_checkpointing_enable()
+    embedded = []
+    tuned.model.get_input_embeddings().register_forward_hook(lambda m, i, out: embedded.append(out))
+    tuned(**batch("bert"))
+    assert embedded[0].requires_grad

@@ -427,9 +427,18 @@ class TunedModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """Enable the model's gradient checkpointing; non-reentrant by default so frozen inputs are fine."""
         options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        earlier = list(getattr(self.model, "_require_grads_hooks", None) or [])  # a caller's own, kept
         self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-        if options["use_reentrant"] and hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()
+        if options["use_reentrant"]:
+            if hasattr(self.model, "enable_input_require_grads"):
+                self.model.enable_input_require_grads()
+        elif hasattr(self.model, "disable_input_require_grads"):
+            # transformers also makes the embeddings' output require grad, which only reentrant checkpointing
+            # needs: with it, a model whose trainable parameters all sit near the top (a head, the last layers)
+            # would run backward through every frozen layer below them.
+            self.model.disable_input_require_grads()
+            if earlier:
+                self.model._require_grads_hooks, self.model._require_grads_hook = earlier, earlier[0]
 
     # -- merging -----------------------------------------------------------------------------
     @property
