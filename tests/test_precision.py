@@ -71,3 +71,11 @@ def test_auto_can_be_pinned_to_fp32_by_the_environment(monkeypatch):
     assert precision.resolve("auto", cpu) == "bf16"
     monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "fp32")
     assert precision.resolve("auto", cpu) == "fp32" and precision.resolve("bf16", cpu) == "bf16"
+
+
+def test_another_value_of_the_pin_is_a_clear_error(monkeypatch):
+    from peftkit.errors import PeftkitError
+
+    monkeypatch.setenv("PEFTKIT_AUTO_PRECISION", "bf16")
+    with pytest.raises(PeftkitError, match="PEFTKIT_AUTO_PRECISION='bf16'.*only value it takes is fp32"):
+        precision.resolve("auto", torch.device("cpu"))

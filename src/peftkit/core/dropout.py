@@ -73,11 +73,9 @@ class FastDropout(nn.Dropout):
     """``nn.Dropout`` with the mask drawn as above (same `p`, same training switch)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not self.training or self.p == 0 or torch.compiler.is_compiling() or not x.is_floating_point()
+        if (not self.training or self.p in (0, 1) or torch.compiler.is_compiling() or not x.is_floating_point()
                 or x.device.type != "cpu"):  # CUDA's dropout is one fused kernel already
             return F.dropout(x, self.p, self.training, self.inplace)
-        if self.p == 1:
-            return x * 0
         return _Dropout.apply(x, self.p)
 
 

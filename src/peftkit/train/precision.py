@@ -36,7 +36,11 @@ def native_bf16(device: torch.device) -> bool:
 def resolve(precision: str, device: torch.device) -> str:
     """`precision` with ``auto`` decided for `device`; refuses what the device cannot do well."""
     if precision == "auto":
-        if os.environ.get("PEFTKIT_AUTO_PRECISION") == "fp32":
+        pinned = os.environ.get("PEFTKIT_AUTO_PRECISION")
+        if pinned not in (None, "", "fp32"):
+            raise ConfigError(f"PEFTKIT_AUTO_PRECISION={pinned!r}: the only value it takes is fp32 (auto means fp32); "
+                              "unset it, or pass --precision to choose one")
+        if pinned == "fp32":
             return "fp32"
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "bf16" and not native_bf16(device):
