@@ -1,4 +1,4 @@
-"""core.dropout: masks from 16 random bits per entry, `FastDropout` against plain dropout with the same
+"""core.dropout: masks from 15 random bits per entry applied as a bitwise AND, `FastDropout` against plain dropout with the same
 mask, and the switch that swaps a model's dropout layers while a block runs (and what the trainer does)."""
 
 from __future__ import annotations
@@ -12,17 +12,19 @@ from peftkit.core.dropout import LEVELS, FastDropout, fast_dropout, keep_levels,
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_generated_masks_keep_the_asked_share_at_every_position(p):
-    """16 random bits per entry, four entries per int64: no position (of the four) may be favoured."""
+    """15 random bits per entry, four entries per int64: no position (of the four) may be favoured."""
     x = torch.empty(1000, 999)
-    mask = random_mask(x, keep_levels(p), seed=3).float()
+    bits = random_mask(x, keep_levels(p), seed=3)
+    assert bits.dtype == torch.int8 and set(bits.unique().tolist()) == {-1, 0}  # every bit set where kept
+    mask = (bits == -1).float()
     keep, sd = 1 - p, (p * (1 - p) / mask.numel()) ** 0.5
     assert mask.shape == x.shape
     assert abs(mask.mean().item() - keep) < 5 * sd
     for k in range(4):  # entries taken from each word's first … fourth 16-bit chunk
         share = mask.reshape(-1)[k::4].mean().item()
         assert abs(share - keep) < 5 * sd * 2
-    assert torch.equal(random_mask(x, keep_levels(p), seed=3).float(), mask)  # the same seed, the same mask
-    assert not torch.equal(random_mask(x, keep_levels(p), seed=4).float(), mask)
+    assert torch.equal(random_mask(x, keep_levels(p), seed=3), bits)  # the same seed, the same mask
+    assert not torch.equal(random_mask(x, keep_levels(p), seed=4), bits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -35,7 +37,7 @@ def test_fast_dropout_is_plain_dropout_with_its_mask(dtype):
     out = FastDropout(0.3).train()(x)
     out.backward(grad)
     torch.manual_seed(11)
-    mask = random_mask(x, keep_levels(0.3), new_seed())
+    mask = random_mask(x, keep_levels(0.3), new_seed()) != 0
     scale = LEVELS / keep_levels(0.3)
     assert out.dtype == dtype
     torch.testing.assert_close(out, x.detach() * mask * scale)
@@ -79,6 +81,39 @@ def test_the_trainer_draws_the_models_dropout_with_it_unless_told_not_to(tmp_pat
     calls: list[int] = []
     real = dropout._Dropout.forward
     monkeypatch.setattr(dropout._Dropout, "forward", staticmethod(lambda ctx, x, p: calls.append(1) or real(ctx, x, p)))
+    sdpa_dropout: list[float] = []  # what SDPA was asked to draw itself (the attention probabilities)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, dropout_p=0.0, **kw: sdpa_dropout.append(dropout_p) or sdpa(*a, dropout_p=dropout_p, **kw))
     result = run(tmp_path / "r", bert_dir, sentiment_csv, max_steps=3, base_dropout=0.1, fast_dropout=fast)
     assert (len(calls) > 0) == fast
+    assert any(p > 0 for p in sdpa_dropout) != fast  # with it, SDPA only runs without dropout (evaluation)
     assert result["metrics"]["loss"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_zeroing_by_the_mask_keeps_every_kept_value_bit_for_bit(dtype):
+    """The AND with the mask leaves kept entries exactly as they were (NaN, inf and -0.0 included) and
+    zeroes the others, in every float width."""
+    from peftkit.core.dropout import from_bool, zero_dropped
+
+    x = torch.randn(5, 64, dtype=torch.float64).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0], dtype=dtype)
+    keep = torch.rand(5, 64) < 0.7
+    keep[0, :4] = True
+    out = zero_dropped(x, from_bool(keep))
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out.view(torch.uint8)[keep.repeat_interleave(x.element_size(), -1)],
+                       x.view(torch.uint8)[keep.repeat_interleave(x.element_size(), -1)])
+    assert (out[~keep] == 0).all()
+    transposed = zero_dropped(x.T, from_bool(keep.T))  # any strides
+    assert torch.equal(transposed.T.view(torch.uint8), out.view(torch.uint8))
+
+
+@pytest.mark.parametrize("p", [1e-6, 0.5, 1 - 1e-6])
+def test_a_mask_at_the_ends_of_the_range_never_overflows(p):
+    """The threshold arithmetic stays inside int16 for every keep share: nearly all kept, nearly all dropped."""
+    x = torch.empty(200_000)
+    levels = keep_levels(p)
+    kept = (random_mask(x, levels, seed=1) == -1).float().mean().item()
+    assert abs(kept - levels / LEVELS) < 0.01

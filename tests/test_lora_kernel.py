@@ -78,7 +78,7 @@ def saved_bytes(fn) -> int:
 
 def test_keeps_less_for_backward_than_plain_autograd():
     """Two projections reading one input (query and value): plain autograd keeps a dropped copy of x,
-    a mask and h for each; the kernel keeps x and one boolean mask once, each h and the factors."""
+    a mask and h for each; the kernel keeps x and one byte-per-entry mask once, each h and the factors."""
     x = torch.randn(64, 128, 256, requires_grad=True)
     factors = [(torch.randn(8, 256, requires_grad=True), torch.randn(256, 8, requires_grad=True)) for _ in range(2)]
     masks = [torch.rand(x.shape) >= 0.1 for _ in range(2)]
@@ -100,7 +100,7 @@ def test_a_generated_mask_is_the_same_in_forward_and_backward():
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**62, (1,)).item())  # what low_rank draws
     keep = keep_levels(0.2) / _LEVELS
-    mask = _mask(x, keep_levels(0.2), seed)
+    mask = _mask(x, keep_levels(0.2), seed) != 0  # -1 where kept
     grad = torch.randn(3, 5, 8)
     torch.manual_seed(7)
     (out,) = low_rank(x, [(A, B, 0.5)], 0.2, training=True)
@@ -184,6 +184,49 @@ def test_the_addition_into_the_output_is_exact():
     reference.backward(grad)
     for a, b in zip(ours, [reference.detach(), y.grad, x.grad, A.grad, B.grad], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("y_grad", [True, False])
+def test_adding_into_the_output_in_place_computes_the_same_and_returns_it(y_grad):
+    """With ``overwrite`` the sum goes into y itself (y is returned, no copy) and every gradient is the
+    out-of-place one's, also when y does not require grad (a first layer over frozen embeddings)."""
+    results = []
+    for overwrite in (False, True):
+        x, A, B = tensors()
+        g = torch.Generator().manual_seed(5)
+        weight = torch.randn(8, 16, generator=g, requires_grad=y_grad)
+        y = F.linear(x.detach(), weight)  # a base layer's output: its product kept its inputs, not y
+        (h,) = down(x, [A])
+        out = up(y, h, B, 0.5, overwrite=overwrite)
+        assert (out is y) == overwrite
+        out.backward(torch.ones_like(out))
+        results.append([out.detach(), x.grad, A.grad, B.grad] + ([weight.grad] if y_grad else []))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_host_adds_in_place_only_where_no_one_else_sees_the_output(monkeypatch):
+    """One adapter on plain linear layers: in place. A forward hook on the base layer may keep its output:
+    then the host must not add into it."""
+    from models import batch, tiny_bert
+
+    import peftkit
+    from peftkit.methods.reparameterized import lora_kernel
+
+    model = peftkit.attach(tiny_bert(), peftkit.config("lora", init="random"))
+    inputs = batch("bert")
+    flags = []
+    real = lora_kernel._Up.apply
+    monkeypatch.setattr(lora_kernel._Up, "apply", lambda *a: flags.append(a[-1]) or real(*a))
+    expected = model(**inputs).logits
+    assert flags and all(flags)
+    kept = []
+    host = model.get_submodule("model.bert.encoder.layer.0.attention.self.query")
+    host.base_layer.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
+    assert torch.equal(model(**inputs).logits, expected)
+    seen, copy = kept[0]
+    assert torch.equal(seen, copy)  # what the hook kept is the base output, untouched
+    assert flags.count(False) == 1
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])

@@ -1,17 +1,20 @@
-"""Dropout with its keep-mask drawn from 16 random bits per entry, and a switch that gives a model's own
-dropout layers that mask for the length of a training run.
+"""Dropout with its keep-mask drawn from 15 random bits per entry and applied as a bitwise AND, and a
+switch that gives a model's own dropout layers that mask for the length of a training run.
 
 PyTorch's CPU dropout draws one Bernoulli sample per entry (``bernoulli_``): on a BERT-sized encoder that
-is about a sixth of a training step. Here each random int64 gives four entries 16 bits each, compared
-against a threshold: the kept share is exact in steps of 1/65,536 (``keep_levels``) and the survivors are
-scaled by the inverse of that share, so the expectation is unchanged. The mask is a function of a seed
-drawn from torch's generator, so ``torch.manual_seed`` fixes it as it fixes ``nn.Dropout``'s (the draws
-themselves differ from ``nn.Dropout``'s).
+is about a sixth of a training step. Here each random int64 gives four 16-bit chunks; each chunk, shifted
+to 15 bits and compared against a threshold by subtraction and a sign shift (plain int16 arithmetic, no
+boolean tensor), becomes -1 (every bit set: kept) or 0 (dropped), stored as int8 — a byte per entry, as a
+boolean mask. Zeroing the dropped entries is then an AND of the tensor's bits with the mask
+(`zero_dropped`): comparisons to booleans and ``torch.where`` with a boolean condition are several times
+slower on a CPU than integer arithmetic over the same bytes. The kept share is exact in steps of
+1/32,768 (``keep_levels``) and the survivors are scaled by the inverse of that share, so the expectation
+is unchanged. The mask is a function of a seed drawn from torch's generator, so ``torch.manual_seed``
+fixes it as it fixes ``nn.Dropout``'s (the draws themselves differ from ``nn.Dropout``'s).
 
-`FastDropout` keeps the mask as booleans for backward, as ``nn.Dropout`` does; `fast_dropout(model)`
-swaps every ``nn.Dropout`` in a model for one while a block runs, and puts the originals back however the
-block ends. Off the CPU (CUDA's dropout is one fused kernel) and under ``torch.compile`` it is plain
-``F.dropout``.
+`FastDropout` keeps the mask for backward, as ``nn.Dropout`` does; `fast_dropout(model)` swaps every
+``nn.Dropout`` in a model for one while a block runs, and puts the originals back however the block ends.
+Off the CPU (CUDA's dropout is one fused kernel) and under ``torch.compile`` it is plain ``F.dropout``.
 """
 
 from __future__ import annotations
@@ -24,23 +27,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEVELS = 1 << 16  # the keep probability in steps of 1/65536
+LEVELS = 1 << 15  # the keep probability in steps of 1/32768
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer view of each float width
 
 
 def keep_levels(p: float) -> int:
-    """Of the 65,536 values a random 16-bit number takes, how many keep an entry: ``round((1 - p)·65536)``.
-    The kept share is then exact in steps of 1/65536, and the scale is its inverse."""
+    """Of the 32,768 values a random 15-bit number takes, how many keep an entry: ``round((1 - p)·32768)``.
+    The kept share is then exact in steps of 1/32768, and the scale is its inverse."""
     return round((1.0 - p) * LEVELS)
 
 
 def random_mask(like: torch.Tensor, levels: int, seed: int) -> torch.Tensor:
-    """A keep-mask shaped like `like`, True with probability ``levels / 65536``, from 16 random bits per
-    entry: four entries from each random int64 drawn over the full 64-bit range (every bit random), read
-    as int16 and compared in one contiguous pass."""
+    """A keep-mask shaped like `like`: int8, -1 (kept) with probability ``levels / 32768``, else 0. Four
+    entries come from each random int64 drawn over the full 64-bit range: each 16-bit chunk, shifted right
+    by one (15 random bits, so the subtraction below cannot overflow), minus the threshold, has its sign
+    bit set exactly for the `levels` smallest values; shifting the sign across the word gives -1 or 0."""
     generator = torch.Generator(device=like.device).manual_seed(seed)
     words = torch.empty((like.numel() + 3) // 4, dtype=torch.int64, device=like.device)
     words.random_(-(2**63), None, generator=generator)
-    return (words.view(torch.int16) < levels - LEVELS // 2)[: like.numel()].view(like.shape)
+    bits = words.view(torch.int16)[: like.numel()] >> 1  # in [-16384, 16384)
+    bits -= levels - LEVELS // 2
+    bits >>= 15
+    return bits.to(torch.int8).view(like.shape)
+
+
+def from_bool(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean keep-mask (True = kept) in `random_mask`'s form."""
+    return mask.to(torch.int8).neg_()
 
 
 def new_seed() -> int:
@@ -49,9 +62,11 @@ def new_seed() -> int:
 
 
 def zero_dropped(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """t with the dropped entries zeroed: a select, so the boolean mask is never promoted to a float copy
-    (``t * mask`` would make one per call)."""
-    return t if mask is None else torch.where(mask, t, 0.0)
+    """Float `t` with the entries `mask` (`random_mask`'s form) drops zeroed, as a new tensor (`t` itself
+    when `mask` is None): an AND of its bits with the mask's sign-extended bits, all ones where kept."""
+    if mask is None:
+        return t
+    return (t.view(_BITS[t.element_size()]) & mask).view(t.dtype)
 
 
 class _Dropout(torch.autograd.Function):

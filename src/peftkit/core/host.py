@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import AdapterStateError, NotMergeableError
-from .linear import dense_copy, is_quantized, linear_weight, store_dense
+from .linear import LINEAR_TYPES, dense_copy, is_quantized, linear_weight, store_dense
 from .protocol import Delta
 
 
@@ -48,6 +48,13 @@ class SiteContext:
             groups.setdefault(name, []).append(row)
         self.routing = tuple((name, tuple(rows)) for name, rows in groups.items())
         self.routing_batch = len(per_sample)
+
+
+def _private_output(layer: nn.Module) -> bool:
+    """Whether `layer`'s output is seen by no one but its host: a plain linear layer (its product keeps its
+    inputs for backward, never its output) with no forward hooks that could have kept it."""
+    return (type(layer) in LINEAR_TYPES and not layer._forward_hooks
+            and not torch.nn.modules.module._global_forward_hooks)
 
 
 def _first(y: Any) -> torch.Tensor:
@@ -133,11 +140,13 @@ class Host(nn.Module):
         else:
             y = self.base_layer(h, *args, **kwargs)
         out = base_out = _first(y)
+        adding = [delta for delta, _ in stack if "contribution" in delta.hooks]
+        overwrite = len(adding) == 1 and _private_output(self.base_layer)
         for delta, weight in stack:
             if "contribution" not in delta.hooks:
                 continue
             if weight == 1.0:
-                out = delta.add_to(out, h, self.base_layer, base_out)
+                out = delta.add_to(out, h, self.base_layer, base_out, overwrite=overwrite)
             else:
                 out = out + weight * delta.contribution(h, self.base_layer, base_out).to(out.dtype)
         for delta, _ in stack:

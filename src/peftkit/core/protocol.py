@@ -75,9 +75,11 @@ class Delta(DeltaState):
     def transform_output(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor, *,
+               overwrite: bool = False) -> torch.Tensor:
         """``out + contribution(x, base, base_out)``; a delta may fuse the addition into its own last
-        product (one pass over the output instead of two)."""
+        product (one pass over the output instead of two). `overwrite`: nothing else reads `out` (nor
+        `base_out`) after this call, so the delta may add into it in place and return it."""
         return out + self.contribution(x, base, base_out).to(out.dtype)
 
     def fold(self, base: nn.Module) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.attention import dropout_attention
 from ..core.dropout import fast_dropout
 from ..core.protocol import COPY_SLOT
 from ..core.targets import head_names
@@ -395,8 +396,10 @@ class Trainer:
         stopped_early = self.state["stopped_early"]
         end = start if stopped_early else self.total_steps
         window_tokens, window_t = 0, time.perf_counter()
-        dropout = fast_dropout(self.model) if cfg.fast_dropout else contextlib.nullcontext()
-        with _stop_signals(flag), dropout:
+        with _stop_signals(flag), contextlib.ExitStack() as cheaper:
+            if cfg.fast_dropout:  # the model's own dropout layers, and the attention-probability dropout
+                cheaper.enter_context(fast_dropout(self.model))
+                cheaper.enter_context(dropout_attention(self.model))
             for step in range(start, end):
                 loss, tokens = self._step(step)  # raises Diverged, saving nothing, on NaN / inf
                 self.state["step"] = step + 1

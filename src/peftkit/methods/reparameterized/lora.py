@@ -121,14 +121,15 @@ class LoraLinear(Delta):
             return self.shared.take(self, x)
         return down(x, [self.A], self.dropout_p, self.training)[0]
 
-    def _up(self, out: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    def _up(self, out: torch.Tensor | None, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         # without dropout h = x·Aᵀ: backward recomputes it from x, which is kept anyway
         exact = not (self.dropout_p > 0 and self.training) and x.dtype == compute_dtype(self.A.device, self.A.dtype)
-        return up(out, self._down(x), self.B, self.scaling, (x, self.A) if exact else None)
+        return up(out, self._down(x), self.B, self.scaling, (x, self.A) if exact else None, overwrite=overwrite)
 
-    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor, *,
+               overwrite: bool = False) -> torch.Tensor:
         if self.magnitude is None and out.dtype == compute_dtype(self.A.device, self.A.dtype) and not torch.compiler.is_compiling():
-            return self._up(out, x)
+            return self._up(out, x, overwrite)
         return super().add_to(out, x, base, base_out)
 
     def contribution(self, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor) -> torch.Tensor:

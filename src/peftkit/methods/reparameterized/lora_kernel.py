@@ -3,16 +3,17 @@ backward and pass over large tensors as few times as they can.
 
 - `down` computes ``h = dropout(x) · Aᵀ`` for every projection that reads x at once (query, key and
   value read the same hidden states: `SharedInput`), in one pass over x. It keeps x itself — one tensor
-  for all of them — and one dropout mask shared by them as booleans, never a dropped float copy of x;
+  for all of them — and one dropout mask shared by them, a byte per entry, never a dropped float copy of x;
   the 1/keep scale goes on the small h. Its backward computes every A gradient and the gradient for x
   in one pass each.
 - `up` adds ``s · h · Bᵀ`` to the layer's output with one ``addmm`` (no separate product tensor, no
-  second pass to add it), keeping only the small h, or nothing when h can be recomputed from x.
+  second pass to add it; into the output itself when the host says no one else reads it), keeping only
+  the small h, or nothing when h can be recomputed from x.
 
 Plain autograd keeps, per adapted projection, a dropped copy of x, the mask and h, and reads x once per
 projection each way. Products are ordered the way CPU BLAS runs fast (contiguous skinny operands;
-gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask is `core.dropout`'s: 16 random
-bits per entry, four entries per random int64, a quarter of the random words ``bernoulli_`` draws.
+gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask is `core.dropout`'s: 15 random
+bits per entry, four entries per random int64, applied as a bitwise AND.
 
 Under autocast both run in the autocast dtype, forward and backward, as a plain ``F.linear`` under
 autocast does (`core.linear.compute_dtype`): x is kept as it comes (bfloat16 from a bfloat16 layer), never upcast to a float32 copy,
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...core.dropout import LEVELS, keep_levels, new_seed, random_mask, zero_dropped
+from ...core.dropout import LEVELS, from_bool, keep_levels, new_seed, random_mask, zero_dropped
 from ...core.linear import compute_dtype
 
 
@@ -46,7 +47,7 @@ class _Down(torch.autograd.Function):
         x_in, x = x.dtype, x.to(dtype)
         if seed is not None:
             mask = random_mask(x, round(keep * LEVELS), seed)
-        ctx.save_for_backward(x, mask, *As)  # the mask as booleans: a quarter of a float copy of x
+        ctx.save_for_backward(x, mask, *As)  # the mask: a byte per entry, a quarter of a float copy of x
         ctx.keep, ctx.dtypes = keep, (dtype, x_in)
         dropped = zero_dropped(x, mask)
         return F.linear(dropped, torch.cat(As).to(dtype)).mul_(1.0 / keep)  # (…, Σr): all in one pass; 1/keep on the small side
@@ -69,7 +70,7 @@ class _Down(torch.autograd.Function):
 class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
-                x: torch.Tensor | None, A: torch.Tensor | None) -> torch.Tensor:
+                x: torch.Tensor | None, A: torch.Tensor | None, overwrite: bool) -> torch.Tensor:
         dtype = compute_dtype(B.device, B.dtype)
         # Without dropout h = x·Aᵀ is recomputed in backward from x (which `down` keeps anyway) rather than kept.
         ctx.save_for_backward(*((x, A) if x is not None else (h,)), B)
@@ -77,6 +78,10 @@ class _Up(torch.autograd.Function):
         h, Bt = h.to(dtype), B.T.to(dtype).contiguous()  # (r, out)
         if y is None:
             return (_rows(h) @ Bt).mul_(scaling).view(*h.shape[:-1], B.shape[0])
+        if overwrite and y.dtype == dtype and y.is_contiguous():  # no copy of the layer's output
+            ctx.mark_dirty(y)
+            _rows(y).addmm_(_rows(h), Bt, alpha=scaling)
+            return y
         return torch.addmm(_rows(y).to(dtype), _rows(h), Bt, alpha=scaling).view(y.shape)
 
     @staticmethod
@@ -87,7 +92,7 @@ class _Up(torch.autograd.Function):
         h = (F.linear(kept[0].to(dtype), kept[1].to(dtype)) if len(kept) == 2 else kept[0]).to(dtype)
         grad_h = F.linear(grad, B.T.to(dtype).contiguous()) * ctx.scaling  # g·B with B's columns contiguous: the fast layout
         grad_B = (_rows(h).T @ _rows(grad)).T * ctx.scaling  # (r, N)·(N, out), transposed
-        return (grad if ctx.has_y else None), grad_h, grad_B.to(B.dtype), None, None, None
+        return (grad if ctx.has_y else None), grad_h, grad_B.to(B.dtype), None, None, None, None
 
 
 def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: bool = False,
@@ -98,7 +103,7 @@ def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: 
     if not (p > 0 and training):
         keep, seed, mask = 1.0, None, None
     elif mask is not None:
-        keep, seed, mask = 1.0 - p, None, mask.to(torch.bool)
+        keep, seed, mask = 1.0 - p, None, from_bool(mask.to(torch.bool))
     else:
         keep, seed = keep_levels(p) / LEVELS, new_seed()
     h = _Down.apply(x, keep, seed, mask, *As)
@@ -106,11 +111,12 @@ def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: 
 
 
 def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
-       source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+       source: tuple[torch.Tensor, torch.Tensor] | None = None, *, overwrite: bool = False) -> torch.Tensor:
     """``y + scaling · h · Bᵀ`` in one ``addmm`` (just the product when `y` is None). With `source` =
-    (x, A) such that h = x·Aᵀ exactly (no dropout), backward recomputes h from them instead of keeping it."""
+    (x, A) such that h = x·Aᵀ exactly (no dropout), backward recomputes h from them instead of keeping it.
+    `overwrite`: nothing else reads `y`, so the sum goes into it in place (no copy of y) and y is returned."""
     x, A = source if source is not None else (None, None)
-    return _Up.apply(y, h, B, scaling, x, A)
+    return _Up.apply(y, h, B, scaling, x, A, overwrite)
 
 
 class SharedInput:
