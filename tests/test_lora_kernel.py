@@ -187,18 +187,22 @@ def test_the_addition_into_the_output_is_exact():
 
 
 @pytest.mark.parametrize("y_grad", [True, False])
-def test_adding_into_the_output_in_place_computes_the_same_and_returns_it(y_grad):
+@pytest.mark.parametrize("bias", [False, True])
+def test_adding_into_the_output_in_place_computes_the_same_and_returns_it(y_grad, bias):
     """With ``overwrite`` the sum goes into y itself (y is returned, no copy) and every gradient is the
-    out-of-place one's, also when y does not require grad (a first layer over frozen embeddings)."""
+    out-of-place one's, also when y does not require grad (a first layer over frozen embeddings). A
+    layer output that is a view (F.linear with a bias on 3-D input) is not changed in place while
+    autograd records: autograd would then copy its gradient through the view's base."""
     results = []
     for overwrite in (False, True):
         x, A, B = tensors()
         g = torch.Generator().manual_seed(5)
         weight = torch.randn(8, 16, generator=g, requires_grad=y_grad)
-        y = F.linear(x.detach(), weight)  # a base layer's output: its product kept its inputs, not y
+        b = torch.randn(8, generator=g) if bias else None
+        y = F.linear(x.detach(), weight, b)  # a base layer's output: its product kept its inputs, not y
         (h,) = down(x, [A])
         out = up(y, h, B, 0.5, overwrite=overwrite)
-        assert (out is y) == overwrite
+        assert (out is y) == (overwrite and not bias)
         out.backward(torch.ones_like(out))
         results.append([out.detach(), x.grad, A.grad, B.grad] + ([weight.grad] if y_grad else []))
     for a, b in zip(*results, strict=True):
@@ -218,12 +222,14 @@ def test_the_host_adds_in_place_only_where_no_one_else_sees_the_output(monkeypat
     flags = []
     real = lora_kernel._Up.apply
     monkeypatch.setattr(lora_kernel._Up, "apply", lambda *a: flags.append(a[-1]) or real(*a))
-    expected = model(**inputs).logits
+    with torch.inference_mode():
+        expected = model(**inputs).logits
     assert flags and all(flags)
     kept = []
     host = model.get_submodule("model.bert.encoder.layer.0.attention.self.query")
     host.base_layer.register_forward_hook(lambda m, i, o: kept.append((o, o.clone())))
-    assert torch.equal(model(**inputs).logits, expected)
+    with torch.inference_mode():
+        assert torch.equal(model(**inputs).logits, expected)
     seen, copy = kept[0]
     assert torch.equal(seen, copy)  # what the hook kept is the base output, untouched
     assert flags.count(False) == 1

@@ -131,3 +131,40 @@ def test_under_bf16_autocast_a_trained_head_gets_its_gradients():
     for ours, theirs in zip(got, expected, strict=True):
         assert ours.dtype == theirs.dtype == torch.bfloat16
         torch.testing.assert_close(ours.float(), theirs.float(), atol=1e-2, rtol=5e-2)
+
+
+def test_the_head_itself_never_runs_and_only_labelled_rows_are_projected(monkeypatch):
+    """The output projection is skipped (not run and its logits dropped), also for a strided slice of the
+    hidden states (``logits_to_keep``); the chunks project only rows that take a loss; the loss and
+    gradients are still the model's own."""
+    from peftkit.train.batches import answer_logits_only
+
+    torch.manual_seed(0)
+    tuned = peftkit.attach(BUILDERS["llama"](), peftkit.config("lora")).train()
+    batch = inputs("llama")
+    batch["labels"][:, :4] = -100  # every row's prompt: the logits start at its end
+    batch = answer_logits_only(batch)
+    assert "logits_to_keep" in batch
+    expected = tuned(**batch).loss
+    expected.backward()
+    reference = [p.grad.clone() for p in tuned.trainable_parameters()]
+    tuned.zero_grad()
+    head = tuned.model.lm_head
+    head.__class__ = type("Refusing", (torch.nn.Linear,), {"forward": lambda *a, **k: pytest.fail("the head ran")})
+    projected = []
+    real_linear = vocab_loss.F.linear
+
+    def spy(h, w, *args):
+        if w.data_ptr() == head.weight.data_ptr():
+            projected.append(h.shape[0])
+        return real_linear(h, w, *args)
+
+    monkeypatch.setattr(vocab_loss.F, "linear", spy)
+    loss = VocabLoss(tuned).loss(tuned, batch)[1]
+    loss.backward()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert sum(projected) == labelled
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip((p.grad for p in tuned.trainable_parameters()), reference, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert "forward" not in head.__dict__  # the head is itself again

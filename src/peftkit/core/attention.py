@@ -63,10 +63,12 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     with torch.autocast("cpu", enabled=False):
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scale)
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            scores = torch.where(attention_mask, scores, torch.finfo(scores.dtype).min)
-        elif attention_mask is not None:
-            scores = scores + attention_mask
+        if attention_mask is not None and attention_mask.dtype == torch.bool:  # as a bias: no heads, no backward
+            attention_mask = torch.zeros(attention_mask.shape, device=scores.device).masked_fill_(
+                ~attention_mask, torch.finfo(scores.dtype).min)
+        if attention_mask is not None:
+            scores = scores.add_(attention_mask) if scores.shape == torch.broadcast_shapes(
+                scores.shape, attention_mask.shape) else scores + attention_mask
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
     out = torch.matmul(_Dropout.apply(probs, dropout), value)
     return out.transpose(1, 2).contiguous(), None

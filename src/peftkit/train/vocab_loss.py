@@ -4,7 +4,7 @@ A small LM's largest tensors in training are its logits: (tokens × vocabulary) 
 backward, plus their softmax gradient (SmolLM2-135M, 49,152 words: 200 MB for a batch of 4 × 256).
 Here the model stops at its last hidden states (the output projection is skipped), and the loss
 ``mean over labelled positions of logsumexp(h·Wᵀ + b) − (h·Wᵀ + b)[label]`` is computed on chunks of
-rows. The loss is a scalar, so its gradients are known in forward: each chunk's softmax, made in place
+the labelled rows only (prompts and padding, which take no loss, are never projected). The loss is a scalar, so its gradients are known in forward: each chunk's softmax, made in place
 of its logits, gives its rows' gradient for h (and for W and b when they train) at once, and backward only
 scales them. What is kept: the gradient for h (tokens × hidden, float32), no logits, and nothing is
 recomputed. The same loss and gradients as transformers' causal-LM loss (the labels shifted by one, −100
@@ -45,34 +45,34 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # needs_input_grad does not know that the caller runs under no_grad (an evaluation): it is told
         want_hidden, want_weight, want_bias = (grad_enabled and need for need in ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):  # in-place and out= products take no autocast
-            valid = labels != IGNORE
+            labelled = (labels != IGNORE).nonzero().squeeze(1)  # only these rows take a loss: the rest are never projected
             w = weight.to(dtype)
             b = None if bias is None else bias.to(torch.float32)
             f32 = {"dtype": torch.float32, "device": hidden.device}
-            grad_hidden = torch.empty(hidden.shape, **f32) if want_hidden else None
+            grad_hidden = torch.zeros(hidden.shape, **f32) if want_hidden else None
             grad_weight = torch.zeros(weight.shape, **f32) if want_weight else None
             grad_bias = torch.zeros(bias.shape, **f32) if want_bias else None
             total = torch.zeros((), **f32)
-            for start in range(0, hidden.shape[0], rows):
-                h, y, keep = hidden[start:start + rows].to(dtype), labels[start:start + rows].clamp(min=0), valid[start:start + rows]
+            for start in range(0, len(labelled), rows):
+                index = labelled[start:start + rows]
+                h, y = hidden.index_select(0, index).to(dtype), labels.index_select(0, index)
                 logits = F.linear(h, w).to(torch.float32)  # (rows, V)
                 if b is not None:
                     logits += b
                 lse = torch.logsumexp(logits, dim=-1)
-                total += ((lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)) * keep).sum()
+                total += (lse - logits.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
                 if not (want_hidden or want_weight or want_bias):
                     continue
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
-                probs[torch.arange(len(y), device=y.device), y] -= 1.0
-                probs *= keep.unsqueeze(1)  # (rows, V): d (summed loss) / d logits
+                probs[torch.arange(len(y), device=y.device), y] -= 1.0  # (rows, V): d (summed loss) / d logits
                 if grad_bias is not None:
                     grad_bias += probs.sum(0)
                 probs = probs.to(dtype)
                 if grad_hidden is not None:
-                    grad_hidden[start:start + rows] = probs @ w
+                    grad_hidden.index_copy_(0, index, (probs @ w).to(torch.float32))
                 if grad_weight is not None:
                     grad_weight += probs.T @ h
-            count = valid.sum().clamp(min=1)
+            count = torch.tensor(max(len(labelled), 1), **f32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, count)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total / count
@@ -111,18 +111,27 @@ class VocabLoss:
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[list[torch.Tensor]]:
         """Inside, the model's ``logits`` output holds the hidden states the head would have projected;
-        the list yielded receives them as the head saw them (virtual-token positions included)."""
+        the list yielded receives them as the head saw them (virtual-token positions included). The head
+        itself does not run: its forward is the identity for the length of the block (a forward hook
+        would only replace the logits after they were made, a (tokens × vocabulary) product, and with
+        ``logits_to_keep`` the model hands the head a strided slice that matmul multiplies through a copy
+        of the weight per sequence)."""
         seen: list[torch.Tensor] = []
+        head = self.head
+        own = head.__dict__.get("forward")  # an instance-level forward someone else set, put back after
 
-        def capture(_module: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> torch.Tensor:
-            seen.append(args[0])
-            return args[0]
+        def passthrough(hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+            seen.append(hidden)
+            return hidden
 
-        handle = self.head.register_forward_hook(capture)
+        head.forward = passthrough
         try:
             yield seen
         finally:
-            handle.remove()
+            if own is None:
+                del head.forward
+            else:
+                head.forward = own
 
     @torch.no_grad()
     def probe(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:

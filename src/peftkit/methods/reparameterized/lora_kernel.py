@@ -116,6 +116,8 @@ def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
     (x, A) such that h = x·Aᵀ exactly (no dropout), backward recomputes h from them instead of keeping it.
     `overwrite`: nothing else reads `y`, so the sum goes into it in place (no copy of y) and y is returned."""
     x, A = source if source is not None else (None, None)
+    if overwrite and y is not None and y._base is not None and torch.is_grad_enabled():
+        overwrite = False  # a view (F.linear's 3-D output): in place, autograd would copy the gradient through its base
     return _Up.apply(y, h, B, scaling, x, A, overwrite)
 
 
