@@ -136,3 +136,28 @@ def test_a_switched_bert_with_attention_dropout_uses_the_cheaper_mask(monkeypatc
         out.loss.backward()
     assert calls == [0.2] * model.config.num_hidden_layers
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_key_value_prefixes_route_through_it(name, monkeypatch):
+    """Prefix tuning routes attention through its own registered function, which then calls whatever the model
+    was set to: with the switch on, that is this one, with the prefix rows in front of the keys and the mask
+    widened for them (the same result as SDPA's when there is no dropout to draw)."""
+    import peftkit
+
+    model = {"bert": tiny_bert, "llama": tiny_llama}[name]()
+    tuned = peftkit.attach(model, peftkit.config("prefix_tuning", num_virtual_tokens=3)).train()
+    inputs = batch(name)
+    expected = tuned(**inputs).logits
+    seen = []
+    real = attention.attention
+    monkeypatch.setattr(attention, "attention", lambda *a, **kw: seen.append(a[2].shape) or real(*a, **kw))
+    from transformers import AttentionInterface
+
+    attention._register()
+    monkeypatch.setitem(AttentionInterface._global_mapping, attention.NAME, attention.attention)
+    with attention.dropout_attention(tuned):
+        got = tuned(**inputs).logits
+        got.sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert seen and all(shape[2] == inputs["input_ids"].shape[1] + 3 for shape in seen)  # keys: 3 prefix rows first

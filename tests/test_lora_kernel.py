@@ -191,8 +191,8 @@ def test_the_addition_into_the_output_is_exact():
 def test_adding_into_the_output_in_place_computes_the_same_and_returns_it(y_grad, bias):
     """With ``overwrite`` the sum goes into y itself (y is returned, no copy) and every gradient is the
     out-of-place one's, also when y does not require grad (a first layer over frozen embeddings). A
-    layer output that is a view (F.linear with a bias on 3-D input) is not changed in place while
-    autograd records: autograd would then copy its gradient through the view's base."""
+    layer output that is a view (F.linear with a bias on 3-D input) is added into through its base, the
+    (rows, out) product: through the view, autograd would copy the gradient via the base in backward."""
     results = []
     for overwrite in (False, True):
         x, A, B = tensors()
@@ -202,7 +202,9 @@ def test_adding_into_the_output_in_place_computes_the_same_and_returns_it(y_grad
         y = F.linear(x.detach(), weight, b)  # a base layer's output: its product kept its inputs, not y
         (h,) = down(x, [A])
         out = up(y, h, B, 0.5, overwrite=overwrite)
-        assert (out is y) == (overwrite and not bias)
+        assert (out.data_ptr() == y.data_ptr()) == overwrite  # the sum is in y's own storage
+        assert (out is y) == (overwrite and not bias)  # a view: added into its (rows, out) base instead
+        assert "CopySlices" not in type(out.grad_fn).__name__
         out.backward(torch.ones_like(out))
         results.append([out.detach(), x.grad, A.grad, B.grad] + ([weight.grad] if y_grad else []))
     for a, b in zip(*results, strict=True):

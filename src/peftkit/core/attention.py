@@ -80,6 +80,7 @@ def _register() -> None:
 
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, attention)
+    if NAME not in AttentionMaskInterface._global_mapping:  # without one, transformers would pass no mask at all
         AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks SDPA gets
 
 

@@ -106,8 +106,9 @@ class TrainConfig:
                                     "else fp32", choices=PRECISIONS)
     chunked_loss: bool = _field(True, "for causal LMs, compute the loss over the vocabulary in chunks, never "
                                       "holding all logits (much less memory); off: the model's own loss")
-    fast_dropout: bool = _field(True, "draw the model's dropout masks from 16 random bits per entry (the same keep "
-                                      "share to 1/65536, a quarter of the random numbers); off: PyTorch's own dropout")
+    fast_dropout: bool = _field(True, "on a CPU, draw the model's dropout masks (layers and attention probabilities) "
+                                      "from 15 random bits per entry, the same keep share to 1/32768; off: PyTorch's "
+                                      "own dropout")
     group_by_length: bool = _field(True, "draw each batch from a length-sorted pool (less padding); "
                                          "--no-group-by-length for random batches")
     strategy: str = _field("auto", "with several processes (torchrun, accelerate launch): ddp keeps a whole model "

@@ -74,7 +74,7 @@ class _Up(torch.autograd.Function):
         dtype = compute_dtype(B.device, B.dtype)
         # Without dropout h = x·Aᵀ is recomputed in backward from x (which `down` keeps anyway) rather than kept.
         ctx.save_for_backward(*((x, A) if x is not None else (h,)), B)
-        ctx.scaling, ctx.has_y, ctx.dtype = scaling, y is not None, dtype
+        ctx.scaling, ctx.has_y, ctx.dtype, ctx.h_shape = scaling, y is not None, dtype, h.shape
         h, Bt = h.to(dtype), B.T.to(dtype).contiguous()  # (r, out)
         if y is None:
             return (_rows(h) @ Bt).mul_(scaling).view(*h.shape[:-1], B.shape[0])
@@ -90,7 +90,8 @@ class _Up(torch.autograd.Function):
         dtype = ctx.dtype
         grad = grad.to(dtype)
         h = (F.linear(kept[0].to(dtype), kept[1].to(dtype)) if len(kept) == 2 else kept[0]).to(dtype)
-        grad_h = F.linear(grad, B.T.to(dtype).contiguous()) * ctx.scaling  # g·B with B's columns contiguous: the fast layout
+        # g·B with B's columns contiguous (the fast layout); y may have come as rows of h's leading dimensions
+        grad_h = (F.linear(grad, B.T.to(dtype).contiguous()) * ctx.scaling).view(ctx.h_shape)
         grad_B = (_rows(h).T @ _rows(grad)).T * ctx.scaling  # (r, N)·(N, out), transposed
         return (grad if ctx.has_y else None), grad_h, grad_B.to(B.dtype), None, None, None, None
 
@@ -117,7 +118,13 @@ def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
     `overwrite`: nothing else reads `y`, so the sum goes into it in place (no copy of y) and y is returned."""
     x, A = source if source is not None else (None, None)
     if overwrite and y is not None and y._base is not None and torch.is_grad_enabled():
-        overwrite = False  # a view (F.linear's 3-D output): in place, autograd would copy the gradient through its base
+        # F.linear with a bias gives 3-D inputs a view of its (rows, out) product. Changed in place through the
+        # view, autograd would copy the gradient through the base in backward: add into the rows themselves.
+        rows = y._base
+        if y.is_contiguous() and rows.is_contiguous() and rows.data_ptr() == y.data_ptr() and rows.shape == (
+                y.numel() // y.shape[-1], y.shape[-1]):
+            return _Up.apply(rows, h, B, scaling, x, A, True).view(y.shape)
+        overwrite = False
     return _Up.apply(y, h, B, scaling, x, A, overwrite)
 
 
