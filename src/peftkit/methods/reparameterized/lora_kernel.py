@@ -115,7 +115,8 @@ def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
        source: tuple[torch.Tensor, torch.Tensor] | None = None, *, overwrite: bool = False) -> torch.Tensor:
     """``y + scaling · h · Bᵀ`` in one ``addmm`` (just the product when `y` is None). With `source` =
     (x, A) such that h = x·Aᵀ exactly (no dropout), backward recomputes h from them instead of keeping it.
-    `overwrite`: nothing else reads `y`, so the sum goes into it in place (no copy of y) and y is returned."""
+    `overwrite`: nothing else reads `y`, so the sum goes into y's own storage (no copy of y) and is returned
+    there: y itself, or, for a view of a (rows, out) product, that product viewed as y."""
     x, A = source if source is not None else (None, None)
     if overwrite and y is not None and y._base is not None and torch.is_grad_enabled():
         # F.linear with a bias gives 3-D inputs a view of its (rows, out) product. Changed in place through the
