@@ -89,8 +89,9 @@ def _switchable(model: nn.Module) -> list[nn.Module]:
     found: list[nn.Module] = []
     for module in model.modules():
         config = getattr(module, "config", None)
+        can_switch = getattr(module, "_can_set_attn_implementation", None)  # transformers' own check, if it has one
         if (getattr(config, "_attn_implementation", None) == "sdpa" and hasattr(module, "set_attn_implementation")
-                and module._can_set_attn_implementation() and not any(module in f.modules() for f in found)):
+                and callable(can_switch) and can_switch() and not any(module in f.modules() for f in found)):
             found.append(module)
     return found
 
