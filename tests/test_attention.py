@@ -129,8 +129,8 @@ def test_a_switched_bert_with_attention_dropout_uses_the_cheaper_mask(monkeypatc
             module.p = 0.2
     model.train()
     calls = []
-    real = attention._Dropout.apply
-    monkeypatch.setattr(attention._Dropout, "apply", lambda x, p: calls.append(p) or real(x, p))
+    real = attention.dropout_masks.masked_dropout
+    monkeypatch.setattr(attention.dropout_masks, "masked_dropout", lambda x, p: calls.append(p) or real(x, p))
     with attention.dropout_attention(model):
         out = model(**batch("bert"))
         out.loss.backward()
@@ -161,3 +161,16 @@ def test_key_value_prefixes_route_through_it(name, monkeypatch):
         got.sum().backward()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert seen and all(shape[2] == inputs["input_ids"].shape[1] + 3 for shape in seen)  # keys: 3 prefix rows first
+
+
+def test_a_model_that_refuses_the_name_keeps_sdpa(monkeypatch):
+    """The switch is an optimisation: a model whose transformers refuses the implementation trains as it was."""
+    model = tiny_bert()
+
+    def refuse(name, *args, **kwargs):
+        raise ValueError(f"{name} is not supported")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    with attention.dropout_attention(model) as switched:
+        assert switched == 0 and model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "sdpa"

@@ -2,8 +2,8 @@
 
 transformers hands the attention-probability dropout to ``scaled_dot_product_attention`` as ``dropout_p``.
 On a CPU no fused SDPA kernel takes a dropout, so it falls back to its math path: float32 copies of the
-query, key and value, both products in float32, and a ``bernoulli_`` draw per probability. On a BERT-sized
-encoder in bfloat16 that path is about a fifth of a training step.
+query, key and value, both products in float32, and a ``bernoulli_`` draw per probability: on a BERT-sized
+encoder in bfloat16 a large share of a training step (``benchmarks/results/perf.md``).
 
 `attention` is registered with transformers' `AttentionInterface` (and SDPA's mask function with
 `AttentionMaskInterface`) under `NAME`. While it trains with dropout on a CPU it computes
@@ -18,7 +18,8 @@ outside training the outputs are SDPA's exactly. Fully masked rows get a uniform
 keys where SDPA returns zeros; such rows are padding, which no loss reads.
 
 `dropout_attention(model)` switches a model from ``"sdpa"`` to `NAME` for the length of a block and back
-however the block ends (models on another implementation, or that cannot switch, are left alone).
+however the block ends. Models on another implementation, or that cannot switch (transformers' own check, or
+a refusal when asked), are left alone: their attention dropout stays SDPA's.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .dropout import _Dropout
+from . import dropout as dropout_masks
 
 NAME = "peftkit_sdpa"
 _UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")
@@ -70,7 +71,7 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
             scores = scores.add_(attention_mask) if scores.shape == torch.broadcast_shapes(
                 scores.shape, attention_mask.shape) else scores + attention_mask
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(_Dropout.apply(probs, dropout), value)
+    out = torch.matmul(dropout_masks.masked_dropout(probs, dropout), value)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -105,7 +106,10 @@ def dropout_attention(model: nn.Module) -> Iterator[int]:
         if targets:
             _register()
         for target in targets:
-            target.set_attn_implementation(NAME)
+            try:
+                target.set_attn_implementation(NAME)
+            except ValueError:  # transformers refuses the name for this model: it keeps SDPA, which is correct
+                continue
             switched.append(target)
         yield len(switched)
     finally:

@@ -1,8 +1,8 @@
 """Dropout with its keep-mask drawn from 15 random bits per entry and applied as a bitwise AND, and a
 switch that gives a model's own dropout layers that mask for the length of a training run.
 
-PyTorch's CPU dropout draws one Bernoulli sample per entry (``bernoulli_``): on a BERT-sized encoder that
-is about a sixth of a training step. Here each random int64 gives four 16-bit chunks; each chunk, shifted
+PyTorch's CPU dropout draws one Bernoulli sample per entry (``bernoulli_``), a large share of a BERT-sized
+encoder's training step (``benchmarks/results/perf.md``). Here each random int64 gives four 16-bit chunks; each chunk, shifted
 to 15 bits and compared against a threshold by subtraction and a sign shift (plain int16 arithmetic, no
 boolean tensor), becomes -1 (every bit set: kept) or 0 (dropped), stored as int8 — a byte per entry, as a
 boolean mask. Zeroing the dropped entries is then an AND of the tensor's bits with the mask
@@ -84,6 +84,12 @@ class _Dropout(torch.autograd.Function):
         return zero_dropped(grad, mask).mul_(ctx.scale), None
 
 
+def masked_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of `x` with probability `p` in (0, 1), its mask drawn as above (a seed from
+    torch's generator) and kept for backward."""
+    return _Dropout.apply(x, p)
+
+
 class FastDropout(nn.Dropout):
     """``nn.Dropout`` with the mask drawn as above (same `p`, same training switch)."""
 
@@ -91,7 +97,7 @@ class FastDropout(nn.Dropout):
         if (not self.training or self.p in (0, 1) or torch.compiler.is_compiling() or not x.is_floating_point()
                 or x.device.type != "cpu"):  # CUDA's dropout is one fused kernel already
             return F.dropout(x, self.p, self.training, self.inplace)
-        return _Dropout.apply(x, self.p)
+        return masked_dropout(x, self.p)
 
 
 @contextlib.contextmanager

@@ -140,8 +140,8 @@ class Host(nn.Module):
         else:
             y = self.base_layer(h, *args, **kwargs)
         out = base_out = _first(y)
-        adding = [delta for delta, _ in stack if "contribution" in delta.hooks]
-        overwrite = len(adding) == 1 and _private_output(self.base_layer)
+        adding = sum("contribution" in delta.hooks for delta, _ in stack)
+        overwrite = adding == 1 and _private_output(self.base_layer)
         for delta, weight in stack:
             if "contribution" not in delta.hooks:
                 continue
