@@ -63,7 +63,9 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     with torch.autocast("cpu", enabled=False):
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scale)
+        # one pass each to float32 in the contiguous layout, so the product reshapes them without another copy
+        query, key = (t.to(torch.float32, memory_format=torch.contiguous_format) for t in (query, key))
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
         if attention_mask is not None and attention_mask.dtype == torch.bool:  # as a bias: no heads, no backward
             attention_mask = torch.zeros(attention_mask.shape, device=scores.device).masked_fill_(
                 ~attention_mask, torch.finfo(scores.dtype).min)

@@ -95,6 +95,7 @@ class TunedModel(nn.Module):
         self._configs: dict[str, MethodConfig] = {}
         self._sites: dict[str, list[str]] = {}
         self._controllers: dict[str, Controller] = {}
+        self._regularized: dict[str, list[DeltaState]] = {}  # adapter -> its deltas that define a regularizer
         self._undo: list[Callable[[], None]] | None = None  # what base preparations to revert, inside _all_or_nothing
         self.requantization_errors: dict[str, float] = {}  # site -> max |ΔW| of the last merge, quantized sites
 
@@ -197,6 +198,8 @@ class TunedModel(nn.Module):
                 host.add(name, slot, delta)
         if attachment.model_deltas:
             self.model_deltas[name] = nn.ModuleDict(attachment.model_deltas)
+        deltas = [d for slots in (*attachment.sites.values(), attachment.model_deltas) for d in slots.values()]
+        self._regularized[name] = [d for d in deltas if type(d).regularizer is not DeltaState.regularizer]
 
     def _trainable_module_sites(self, config: MethodConfig, adapted: list[str]) -> list[str]:
         """The modules `config.trainable_modules` names; none may hold another, or a site in `adapted`."""
@@ -275,6 +278,7 @@ class TunedModel(nn.Module):
         self._configs.pop(name, None)
         self._sites.pop(name, None)
         self._controllers.pop(name, None)
+        self._regularized.pop(name, None)
         self.context.active = tuple(n for n in self.context.active if n != name)
         self.context.weights.pop(name, None)
 
@@ -346,7 +350,7 @@ class TunedModel(nn.Module):
 
     def regularization_loss(self) -> torch.Tensor | None:
         """Sum of the trainable deltas' regularisers (None when no delta has one)."""
-        terms = [t for name in self.adapters for _, d in self.deltas(name)
+        terms = [t for name in self.adapters for d in self._regularized.get(name, ())
                  if any(p.requires_grad for p in d.trainable_parameters()) and (t := d.regularizer()) is not None]
         return torch.stack([t.float() for t in terms]).sum() if terms else None
 

@@ -122,9 +122,7 @@ class LoraLinear(Delta):
         return down(x, [self.A], self.dropout_p, self.training)[0]
 
     def _up(self, out: torch.Tensor | None, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
-        # without dropout h = x·Aᵀ: backward recomputes it from x, which is kept anyway
-        exact = not (self.dropout_p > 0 and self.training) and x.dtype == compute_dtype(self.A.device, self.A.dtype)
-        return up(out, self._down(x), self.B, self.scaling, (x, self.A) if exact else None, overwrite=overwrite)
+        return up(out, self._down(x), self.B, self.scaling, overwrite=overwrite)
 
     def add_to(self, out: torch.Tensor, x: torch.Tensor, base: nn.Module, base_out: torch.Tensor, *,
                overwrite: bool = False) -> torch.Tensor:

@@ -8,7 +8,8 @@ backward and pass over large tensors as few times as they can.
   in one pass each.
 - `up` adds ``s · h · Bᵀ`` to the layer's output with one ``addmm`` (no separate product tensor, no
   second pass to add it; into the output itself when the host says no one else reads it), keeping only
-  the small h, or nothing when h can be recomputed from x.
+  the small h: r/in of x's size, where recomputing it in backward would read x again per projection.
+  The projections of one input keep views of one h for all of them.
 
 Plain autograd keeps, per adapted projection, a dropped copy of x, the mask and h, and reads x once per
 projection each way. Products are ordered the way CPU BLAS runs fast (contiguous skinny operands;
@@ -39,6 +40,10 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _stacked(As: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)  # (Σr, in)
+
+
 class _Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, keep: float, seed: int | None, mask: torch.Tensor | None,
@@ -47,35 +52,36 @@ class _Down(torch.autograd.Function):
         x_in, x = x.dtype, x.to(dtype)
         if seed is not None:
             mask = random_mask(x, round(keep * LEVELS), seed)
-        ctx.save_for_backward(x, mask, *As)  # the mask: a byte per entry, a quarter of a float copy of x
-        ctx.keep, ctx.dtypes = keep, (dtype, x_in)
-        dropped = zero_dropped(x, mask)
-        return F.linear(dropped, torch.cat(As).to(dtype)).mul_(1.0 / keep)  # (…, Σr): all in one pass; 1/keep on the small side
+        A = _stacked(As, dtype)
+        # the mask: a byte per entry, a quarter of a float copy of x; A as the products use it, so backward
+        # neither stacks nor casts it again
+        ctx.save_for_backward(x, mask, A)
+        ctx.keep, ctx.dtypes, ctx.A_dtypes = keep, (dtype, x_in), [(a.shape[0], a.dtype) for a in As]
+        h = F.linear(zero_dropped(x, mask), A)  # (…, Σr): all in one pass
+        return h.mul_(1.0 / keep) if keep != 1.0 else h  # 1/keep on the small side
 
     @staticmethod
     def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, mask, *As = ctx.saved_tensors
+        x, mask, A = ctx.saved_tensors
         dtype, x_in = ctx.dtypes
-        grad_h = grad_h.to(dtype) / ctx.keep
-        A = torch.cat(As).to(dtype)
+        grad_h = grad_h.to(dtype)
+        if ctx.keep != 1.0:
+            grad_h = grad_h / ctx.keep
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.linear(grad_h, A.T)
-            grad_x = zero_dropped(grad_x, mask).to(x_in)
-        dropped = zero_dropped(x, mask)
-        grad_A = (_rows(grad_h).T @ _rows(dropped)).split([a.shape[0] for a in As])  # (Σr, N)·(N, in)
-        return grad_x, None, None, None, *(g.to(a.dtype) for g, a in zip(grad_A, As, strict=True))
+            grad_x = zero_dropped(F.linear(grad_h, A.T), mask).to(x_in)
+        grad_A = (_rows(grad_h).T @ _rows(zero_dropped(x, mask))).split([r for r, _ in ctx.A_dtypes])  # (Σr, N)·(N, in)
+        return grad_x, None, None, None, *(g.to(a_dtype) for g, (_, a_dtype) in zip(grad_A, ctx.A_dtypes, strict=True))
 
 
 class _Up(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
-                x: torch.Tensor | None, A: torch.Tensor | None, overwrite: bool) -> torch.Tensor:
+                overwrite: bool) -> torch.Tensor:
         dtype = compute_dtype(B.device, B.dtype)
-        # Without dropout h = x·Aᵀ is recomputed in backward from x (which `down` keeps anyway) rather than kept.
-        ctx.save_for_backward(*((x, A) if x is not None else (h,)), B)
-        ctx.scaling, ctx.has_y, ctx.dtype, ctx.h_shape = scaling, y is not None, dtype, h.shape
         h, Bt = h.to(dtype), B.T.to(dtype).contiguous()  # (r, out)
+        ctx.save_for_backward(h, Bt)  # Bt, not B: backward uses it as it is (no second cast and transpose)
+        ctx.scaling, ctx.has_y, ctx.dtype, ctx.B_dtype, ctx.h_shape = scaling, y is not None, dtype, B.dtype, h.shape
         if y is None:
             return (_rows(h) @ Bt).mul_(scaling).view(*h.shape[:-1], B.shape[0])
         if overwrite and y.dtype == dtype and y.is_contiguous():  # no copy of the layer's output
@@ -86,19 +92,17 @@ class _Up(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        *kept, B = ctx.saved_tensors
-        dtype = ctx.dtype
-        grad = grad.to(dtype)
-        h = (F.linear(kept[0].to(dtype), kept[1].to(dtype)) if len(kept) == 2 else kept[0]).to(dtype)
+        h, Bt = ctx.saved_tensors
+        grad = grad.to(ctx.dtype)
         # g·B with B's columns contiguous (the fast layout); y may have come as rows of h's leading dimensions
-        grad_h = (F.linear(grad, B.T.to(dtype).contiguous()) * ctx.scaling).view(ctx.h_shape)
+        grad_h = (F.linear(grad, Bt) * ctx.scaling).view(ctx.h_shape)
         grad_B = (_rows(h).T @ _rows(grad)).T * ctx.scaling  # (r, N)·(N, out), transposed
-        return (grad if ctx.has_y else None), grad_h, grad_B.to(B.dtype), None, None, None, None
+        return (grad if ctx.has_y else None), grad_h, grad_B.to(ctx.B_dtype), None, None
 
 
 def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: bool = False,
          mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """``dropout_p(x) · A_iᵀ`` for each A_i, in one pass, each result contiguous. Dropout only while
+    """``dropout_p(x) · A_iᵀ`` for each A_i, in one pass (views of one (…, Σr) result). Dropout only while
     `training`: one fresh keep-mask for all (its seed drawn from torch's generator, so
     ``torch.manual_seed`` fixes it; the kept share is `keep_levels`'s), or `mask` (True = kept)."""
     if not (p > 0 and training):
@@ -108,25 +112,22 @@ def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: 
     else:
         keep, seed = keep_levels(p) / LEVELS, new_seed()
     h = _Down.apply(x, keep, seed, mask, *As)
-    return [h_i.contiguous() for h_i in h.split([A.shape[0] for A in As], dim=-1)] if len(As) > 1 else [h]
+    return list(h.split([A.shape[0] for A in As], dim=-1)) if len(As) > 1 else [h]
 
 
-def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float,
-       source: tuple[torch.Tensor, torch.Tensor] | None = None, *, overwrite: bool = False) -> torch.Tensor:
-    """``y + scaling · h · Bᵀ`` in one ``addmm`` (just the product when `y` is None). With `source` =
-    (x, A) such that h = x·Aᵀ exactly (no dropout), backward recomputes h from them instead of keeping it.
-    `overwrite`: nothing else reads `y`, so the sum goes into y's own storage (no copy of y) and is returned
+def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float, *,
+       overwrite: bool = False) -> torch.Tensor:
+    """``y + scaling · h · Bᵀ`` in one ``addmm`` (just the product when `y` is None). `overwrite`: nothing else reads `y`, so the sum goes into y's own storage (no copy of y) and is returned
     there: y itself, or, for a view of a (rows, out) product, that product viewed as y."""
-    x, A = source if source is not None else (None, None)
     if overwrite and y is not None and y._base is not None and torch.is_grad_enabled():
         # F.linear with a bias gives 3-D inputs a view of its (rows, out) product. Changed in place through the
         # view, autograd would copy the gradient through the base in backward: add into the rows themselves.
         rows = y._base
         if y.is_contiguous() and rows.is_contiguous() and rows.data_ptr() == y.data_ptr() and rows.shape == (
                 y.numel() // y.shape[-1], y.shape[-1]):
-            return _Up.apply(rows, h, B, scaling, x, A, True).view(y.shape)
+            return _Up.apply(rows, h, B, scaling, True).view(y.shape)
         overwrite = False
-    return _Up.apply(y, h, B, scaling, x, A, overwrite)
+    return _Up.apply(y, h, B, scaling, overwrite)
 
 
 class SharedInput:
