@@ -90,6 +90,17 @@ def test_keeps_less_for_backward_than_plain_autograd():
     assert reference >= 2 * (x_bytes + x.numel())  # per projection: the dropped copy and a byte per mask entry
 
 
+@pytest.mark.parametrize("x_takes_a_gradient", [True, False])
+def test_without_dropout_it_keeps_what_plain_autograd_keeps_and_no_more(x_takes_a_gradient):
+    """Without dropout both keep x, each h and B, and A only where x takes a gradient (a first layer's input
+    does not): nothing is recomputed in backward, and nothing extra is kept."""
+    x = torch.randn(16, 32, 64, requires_grad=x_takes_a_gradient)
+    factors = [(torch.randn(8, 64, requires_grad=True), torch.randn(64, 8, requires_grad=True)) for _ in range(2)]
+    ours = saved_bytes(lambda: sum(low_rank(x, [(A, B, 2.0) for A, B in factors])))
+    reference = saved_bytes(lambda: sum(plain(x, A, B, 2.0, None, 1.0) for A, B in factors))
+    assert ours == reference
+
+
 def test_a_generated_mask_is_the_same_in_forward_and_backward():
     """The backward pass draws the mask again from its seed: gradients are those of the forward's mask."""
     from peftkit.core.dropout import LEVELS as _LEVELS

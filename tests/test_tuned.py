@@ -82,6 +82,23 @@ def test_delete_and_detach_restore_the_original_modules():
     assert all(torch.equal(original[k], v) for k, v in plain.state_dict().items())
 
 
+def test_the_regularizer_follows_the_adapters_through_delete_and_reattach():
+    """The regularising deltas are indexed when an adapter is installed: deleting it, or attaching another
+    method under the same name, or a failed attach, leaves no stale term behind."""
+    tuned = peftkit.attach(tiny_llama(), peftkit.config("adalora", total_steps=10), name="a")
+    assert tuned.regularization_loss() is not None
+    tuned.delete("a")
+    peftkit.attach(tuned, peftkit.config("lora"), name="a")
+    assert tuned.regularization_loss() is None
+    tuned.delete("a")
+    peftkit.attach(tuned, peftkit.config("adalora", total_steps=10), name="a")
+    term = tuned.regularization_loss()
+    assert term is not None and term.requires_grad
+    with pytest.raises(peftkit.PeftkitError):
+        peftkit.attach(tuned, peftkit.config("adalora", total_steps=10, targets=["no_such_layer"]), name="b")
+    assert tuned.adapters == ["a"] and torch.equal(tuned.regularization_loss(), term)
+
+
 def test_summary_counts_adapter_head_and_sites():
     tuned = peftkit.attach(tiny_bert(), peftkit.config("lora", r=4))
     s = tuned.summary()

@@ -12,8 +12,8 @@ backward and pass over large tensors as few times as they can.
   The projections of one input keep views of one h for all of them.
 
 Plain autograd keeps, per adapted projection, a dropped copy of x, the mask and h, and reads x once per
-projection each way. Products are ordered the way CPU BLAS runs fast (contiguous skinny operands;
-gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask is `core.dropout`'s: 15 random
+projection each way. Products are ordered the way CPU BLAS runs fast (skinny operands row-major, a
+column slice of a shared h read in place; gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask is `core.dropout`'s: 15 random
 bits per entry, four entries per random int64, applied as a bitwise AND.
 
 Under autocast both run in the autocast dtype, forward and backward, as a plain ``F.linear`` under
@@ -54,8 +54,8 @@ class _Down(torch.autograd.Function):
             mask = random_mask(x, round(keep * LEVELS), seed)
         A = _stacked(As, dtype)
         # the mask: a byte per entry, a quarter of a float copy of x; A as the products use it, so backward
-        # neither stacks nor casts it again
-        ctx.save_for_backward(x, mask, A)
+        # neither stacks nor casts it again, and only when x takes a gradient (the first layer's does not)
+        ctx.save_for_backward(x, mask, A if ctx.needs_input_grad[0] else None)
         ctx.keep, ctx.dtypes, ctx.A_dtypes = keep, (dtype, x_in), [(a.shape[0], a.dtype) for a in As]
         h = F.linear(zero_dropped(x, mask), A)  # (…, Σr): all in one pass
         return h.mul_(1.0 / keep) if keep != 1.0 else h  # 1/keep on the small side
