@@ -102,7 +102,8 @@ def test_without_dropout_it_keeps_what_plain_autograd_keeps_and_no_more(x_takes_
 
 
 def test_a_generated_mask_is_the_same_in_forward_and_backward():
-    """The backward pass draws the mask again from its seed: gradients are those of the forward's mask."""
+    """The mask drawn from the seed in forward is the one backward applies: the gradients are those of that
+    mask, drawn again here from the same seed."""
     from peftkit.core.dropout import LEVELS as _LEVELS
     from peftkit.core.dropout import keep_levels
     from peftkit.core.dropout import random_mask as _mask
