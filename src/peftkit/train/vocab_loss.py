@@ -6,8 +6,8 @@ Here the model stops at its last hidden states (the output projection is skipped
 ``mean over labelled positions of logsumexp(h·Wᵀ + b) − (h·Wᵀ + b)[label]`` is computed on chunks of
 the labelled rows only (prompts and padding, which take no loss, are never projected). The loss is a
 scalar, so its gradients are known in forward: each chunk's softmax, made in place of its logits, gives
-its rows' gradient for h (and for W and b when they train) at once, and backward only scales them. What is kept: the gradient for h (tokens × hidden, float32), no logits, and nothing is
-recomputed. The same loss and gradients as transformers' causal-LM loss (the labels shifted by one, −100
+its rows' gradient for h (and for W and b when they train) at once, and backward only scales them.
+What is kept: the gradient for h (tokens × hidden, float32), no logits, and nothing is recomputed. The same loss and gradients as transformers' causal-LM loss (the labels shifted by one, −100
 ignored, the softmax in float32; under autocast the products in autocast's dtype, as there), to float
 rounding.
 

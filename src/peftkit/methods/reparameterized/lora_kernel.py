@@ -13,12 +13,14 @@ backward and pass over large tensors as few times as they can.
 
 Plain autograd keeps, per adapted projection, a dropped copy of x, the mask and h, and reads x once per
 projection each way. Products are ordered the way CPU BLAS runs fast (skinny operands row-major, a
-column slice of a shared h read in place; gradients of a skinny factor as ``(r, N)·(N, d)``, transposed). The mask is `core.dropout`'s: 15 random
-bits per entry, four entries per random int64, applied as a bitwise AND.
+column slice of a shared h read in place; gradients of a skinny factor as ``(r, N)·(N, d)``, transposed).
+The mask is `core.dropout`'s: 15 random bits per entry, four entries per random int64, applied as a
+bitwise AND.
 
 Under autocast both run in the autocast dtype, forward and backward, as a plain ``F.linear`` under
-autocast does (`core.linear.compute_dtype`): x is kept as it comes (bfloat16 from a bfloat16 layer), never upcast to a float32 copy,
-and the gradients of A and B are cast to their float32 parameters at the end (`compute_dtype`).
+autocast does (`core.linear.compute_dtype`): x is kept as it comes (bfloat16 from a bfloat16 layer),
+never upcast to a float32 copy, and the gradients of A and B are cast to their float32 parameters at the
+end.
 
 Shapes: x (…, in), A (r, in), B (out, r), y (…, out). With the same mask they compute what
 ``y + F.linear(F.linear(x * mask / keep, A), B) * s`` computes (tests/test_lora_kernel.py).
@@ -56,7 +58,7 @@ class _Down(torch.autograd.Function):
         # the mask: a byte per entry, a quarter of a float copy of x; A as the products use it, so backward
         # neither stacks nor casts it again, and only when x takes a gradient (the first layer's does not)
         ctx.save_for_backward(x, mask, A if ctx.needs_input_grad[0] else None)
-        ctx.keep, ctx.dtypes, ctx.A_dtypes = keep, (dtype, x_in), [(a.shape[0], a.dtype) for a in As]
+        ctx.keep, ctx.dtypes, ctx.A_parts = keep, (dtype, x_in), [(a.shape[0], a.dtype) for a in As]  # (rows, dtype)
         h = F.linear(zero_dropped(x, mask), A)  # (…, Σr): all in one pass
         return h.mul_(1.0 / keep) if keep != 1.0 else h  # 1/keep on the small side
 
@@ -70,8 +72,9 @@ class _Down(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = zero_dropped(F.linear(grad_h, A.T), mask).to(x_in)
-        grad_A = (_rows(grad_h).T @ _rows(zero_dropped(x, mask))).split([r for r, _ in ctx.A_dtypes])  # (Σr, N)·(N, in)
-        return grad_x, None, None, None, *(g.to(a_dtype) for g, (_, a_dtype) in zip(grad_A, ctx.A_dtypes, strict=True))
+        grad_A = _rows(grad_h).T @ _rows(zero_dropped(x, mask))  # (Σr, N)·(N, in)
+        grads = grad_A.split([rows for rows, _ in ctx.A_parts])
+        return grad_x, None, None, None, *(g.to(a_dtype) for g, (_, a_dtype) in zip(grads, ctx.A_parts, strict=True))
 
 
 class _Up(torch.autograd.Function):
@@ -117,8 +120,9 @@ def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: 
 
 def up(y: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, scaling: float, *,
        overwrite: bool = False) -> torch.Tensor:
-    """``y + scaling · h · Bᵀ`` in one ``addmm`` (just the product when `y` is None). `overwrite`: nothing else reads `y`, so the sum goes into y's own storage (no copy of y) and is returned
-    there: y itself, or, for a view of a (rows, out) product, that product viewed as y."""
+    """``y + scaling · h · Bᵀ`` in one ``addmm`` (just the product when `y` is None). `overwrite`:
+    nothing else reads `y`, so the sum goes into y's own storage (no copy of y) and is returned there: y
+    itself, or, for a view of a (rows, out) product, that product viewed as y."""
     if overwrite and y is not None and y._base is not None and torch.is_grad_enabled():
         # F.linear with a bias gives 3-D inputs a view of its (rows, out) product. Changed in place through the
         # view, autograd would copy the gradient through the base in backward: add into the rows themselves.
