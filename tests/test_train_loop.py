@@ -93,6 +93,43 @@ def test_resume_is_bit_identical(tmp_path, bert_dir, sentiment_csv, monkeypatch)
     assert resumed["steps"] == 10
 
 
+def test_a_run_resumes_with_the_pool_size_it_started_with(tmp_path, bert_dir, sentiment_csv, monkeypatch) -> None:
+    """A checkpoint written under another default pool size (an older peftkit) continues with its own batch
+    order, so the finished run is the one it would have been uninterrupted."""
+    from peftkit.train import batches
+
+    opts = dict(max_steps=10, batch_size=4)
+    default = batches.POOL_BATCHES["sequence"]
+    monkeypatch.setitem(batches.POOL_BATCHES, "sequence", 2)
+    run(tmp_path / "a", bert_dir, sentiment_csv, **opts)
+    _interrupt_at(monkeypatch, 4)
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", bert_dir, sentiment_csv, **opts)
+    monkeypatch.undo()
+    assert batches.POOL_BATCHES["sequence"] == default != 2
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer.json").read_text())
+    assert state["identity"]["batch_order"] == "length-sorted pools of 2"
+    resumed = run(tmp_path / "b", bert_dir, sentiment_csv, resume="auto", **opts)
+    assert resumed["steps"] == 10
+    a, b = adapter_tensors(tmp_path / "a" / "adapter"), adapter_tensors(tmp_path / "b" / "adapter")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    run(tmp_path / "c", bert_dir, sentiment_csv, **opts)  # today's default order trains to another result
+    c = adapter_tensors(tmp_path / "c" / "adapter")
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer.json").read_text())
+    assert state["identity"]["batch_order"] == "length-sorted pools of 2"  # and it records it again
+
+
+def test_the_recorded_batch_order_reads_back() -> None:
+    from peftkit.train.batches import batch_order, recorded_pool
+
+    assert recorded_pool(batch_order(True, 16)) == 16 and recorded_pool(batch_order(True, 4)) == 4
+    for unreadable in (batch_order(False, 16), "length-sorted pools of 0", "length-sorted pools of x", None, 4,
+                       "length-sorted pools of 4 extra"):
+        assert recorded_pool(unreadable) is None
+
+
 def test_resume_refuses_other_settings(tmp_path, bert_dir, sentiment_csv) -> None:
     run(tmp_path / "a", bert_dir, sentiment_csv, max_steps=2)
     with pytest.raises(CheckpointError, match="different run.*seed"):

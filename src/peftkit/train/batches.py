@@ -10,21 +10,37 @@ are shuffled again: less padding, still random.
 from __future__ import annotations
 
 import inspect
+import re
+from typing import Any
 
 import torch
 
 from .data import IGNORE, Encoded
 
-# Global batches per length-sorted pool: a small pool trades a little padding for batches that still
-# mix lengths (large pools, as transformers' megabatches, cost sequence-level tasks accuracy; see
-# benchmarks/results/recipes.md). Token-level tasks keep large pools: padding costs them most
-# (vocabulary-wide logits).
-POOL_BATCHES = {"sequence": 4, "token": 50}
+# Global batches per length-sorted pool. Larger pools pad less (a step's time follows its padded tokens) and
+# mix lengths less within a batch. Sequence-level tasks take 16: padding 1.07x the real tokens against 1.27x at 4,
+# at an accuracy within the seeds' spread (benchmarks/results/recipes.md). Token-level tasks keep 50: padding
+# costs them most (vocabulary-wide logits).
+POOL_BATCHES = {"sequence": 16, "token": 50}
 
 
 def pool_batches(per_token: bool) -> int:
     """Global batches per length-sorted pool for data with token-level (or sequence-level) labels."""
     return POOL_BATCHES["token" if per_token else "sequence"]
+
+
+_POOLED = "length-sorted pools of {}"
+
+
+def batch_order(group_by_length: bool, pool: int) -> str:
+    """How a run draws its batches, as its checkpoint records it."""
+    return _POOLED.format(pool) if group_by_length else "random"
+
+
+def recorded_pool(order: Any) -> int | None:
+    """The pool size in a recorded `batch_order` (None for random batches or an unreadable record)."""
+    match = re.fullmatch(_POOLED.format(r"([1-9]\d{0,5})"), order) if isinstance(order, str) else None
+    return int(match.group(1)) if match else None
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:

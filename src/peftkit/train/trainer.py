@@ -35,11 +35,13 @@ from . import checkpoint as ckpt
 from . import checkpoint_sharded, fsdp
 from .batches import (
     answer_logits_only,
+    batch_order,
     collate,
     epoch_batches,
     eval_batches,
     micro_batches,
     pool_batches,
+    recorded_pool,
     trims_logits,
 )
 from .config import TrainConfig
@@ -214,12 +216,12 @@ class Trainer:
                                     "lower --batch-size / --grad-accum or add data.")
 
     # -- checkpoint identity ---------------------------------------------------------------------
-    def _identity(self) -> dict[str, Any]:
+    def _identity(self, pool: int | None = None) -> dict[str, Any]:
         c = self.cfg
         return {"model": c.model, "data": c.data, "task": self.data.task, "method": c.method,
                 "method_options": c.method_options, "seed": c.seed, "global_batch": self.global_batch,
                 "train_examples": len(self.data.train), "quantize": c.quantize,
-                "batch_order": f"length-sorted pools of {self.pool}" if c.group_by_length else "random"}
+                "batch_order": batch_order(c.group_by_length, pool or self.pool)}
 
     def save_checkpoint(self, folder: Path | None = None) -> Path:
         folder = folder or self.out / "checkpoint"
@@ -243,8 +245,10 @@ class Trainer:
 
     def resume(self, folder: Path) -> None:
         doc = ckpt.read(folder)
-        mine = self._identity()
         theirs_all = doc.get("identity", {})
+        # a run keeps the pool size it started with, should the default have changed since
+        pool = (recorded_pool(theirs_all.get("batch_order")) if self.cfg.group_by_length else None) or self.pool
+        mine = self._identity(pool)
         diff = [k for k in mine if theirs_all.get(k) != mine[k] and not _same_file(theirs_all.get(k), mine[k])]
         if diff:
             k = diff[0]
@@ -265,6 +269,7 @@ class Trainer:
                 ctl.load_state_dict(state)
         for key in ("step", "best", "bad_evals", "history", "elapsed", "stopped_early"):
             self.state[key] = doc.get(key, self.state[key])
+        self.pool, self._epoch_cache = pool, None
         self.last_checkpoint = (folder, self.state["step"])
 
     # -- batches ----------------------------------------------------------------------------------

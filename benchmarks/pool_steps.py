@@ -1,0 +1,71 @@
+"""What the length-sorted pool size costs a training step: the default job's trainer runs step s of each pool
+size's batch order in turn (the order alternating step by step), in one process, and prints each pool's total
+time and padded tokens as ratios against the first pool given.
+
+    .venv/bin/python benchmarks/pool_steps.py [--steps 100] [--pools 4 8 16] [--threads 2] [--precision auto]
+
+The job is `peftkit train` with no arguments (MiniLM on Rotten Tomatoes); `benchmarks/results/recipes.md` has
+the figures and the accuracy of each pool size over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401  (offline settings)
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--pools", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="auto")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from peftkit.core.attention import dropout_attention
+    from peftkit.core.dropout import fast_dropout
+    from peftkit.train import run
+    from peftkit.train.batches import epoch_batches
+    from peftkit.train.config import TrainConfig
+    from peftkit.train.distributed import Dist
+    from peftkit.train.precision import resolve
+    from peftkit.train.trainer import Trainer
+
+    job = run.plan(TrainConfig(progress=False))
+    job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, precision=resolve(args.precision,
+                                                                                      torch.device("cpu"))))
+    tok, prepared, tuned = run._prepare(job, Dist())
+    trainer = Trainer(tuned, prepared, job.cfg, out=Path(tempfile.mkdtemp()), pad_id=tok.pad_token_id)
+    lengths = prepared.train.lengths
+    orders = {p: epoch_batches(lengths, job.cfg.batch_size, job.cfg.seed, 0, pool=p) for p in args.pools}
+    steps = min(args.steps, *(len(o) - 1 for o in orders.values()))
+    seconds = dict.fromkeys(args.pools, 0.0)
+    with fast_dropout(trainer.model), dropout_attention(trainer.model):
+        trainer._step(0)  # warm-up
+        for s in range(1, steps + 1):
+            for pool in args.pools if s % 2 else args.pools[::-1]:
+                trainer._batch = lambda step, pool=pool: orders[pool][step]
+                start = time.perf_counter()
+                trainer._step(s)
+                seconds[pool] += time.perf_counter() - start
+    tokens = {p: sum(len(orders[p][s]) * int(lengths[orders[p][s]].max()) for s in range(1, steps + 1))
+              for p in args.pools}
+    first = args.pools[0]
+    print(f"{steps} steps of each order, precision {job.cfg.precision}, {args.threads} threads")
+    print(f"| pool | time / pool {first} | padded tokens / pool {first} | padded / real tokens (epoch) |")
+    print("|---|---|---|---|")
+    real = int(lengths.sum())
+    for p in args.pools:
+        epoch = sum(len(b) * int(lengths[b].max()) for b in orders[p]) / real
+        print(f"| {p} | {seconds[p] / seconds[first]:.3f} | {tokens[p] / tokens[first]:.3f} | {epoch:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
