@@ -20,11 +20,18 @@ import _common  # noqa: F401  (offline settings)
 import torch
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--pools", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=positive, default=100)
+    parser.add_argument("--pools", type=positive, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--threads", type=positive, default=2)
     parser.add_argument("--precision", default="auto")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -55,16 +62,19 @@ def main() -> None:
                 start = time.perf_counter()
                 trainer._step(s)
                 seconds[pool] += time.perf_counter() - start
-    tokens = {p: sum(len(orders[p][s]) * int(lengths[orders[p][s]].max()) for s in range(1, steps + 1))
-              for p in args.pools}
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * int(lengths[b].max()) for b in batches)
+
+    tokens = {p: padded(orders[p][1:steps + 1]) for p in args.pools}
     first = args.pools[0]
     print(f"{steps} steps of each order, precision {job.cfg.precision}, {args.threads} threads")
     print(f"| pool | time / pool {first} | padded tokens / pool {first} | padded / real tokens (epoch) |")
     print("|---|---|---|---|")
     real = int(lengths.sum())
     for p in args.pools:
-        epoch = sum(len(b) * int(lengths[b].max()) for b in orders[p]) / real
-        print(f"| {p} | {seconds[p] / seconds[first]:.3f} | {tokens[p] / tokens[first]:.3f} | {epoch:.3f} |")
+        print(f"| {p} | {seconds[p] / seconds[first]:.3f} | {tokens[p] / tokens[first]:.3f} | "
+              f"{padded(orders[p]) / real:.3f} |")
 
 
 if __name__ == "__main__":

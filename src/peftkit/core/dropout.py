@@ -1,16 +1,16 @@
 """Dropout with its keep-mask drawn from 15 random bits per entry and applied as a bitwise AND, and a
 switch that gives a model's own dropout layers that mask for the length of a training run.
 
-PyTorch's CPU dropout draws one Bernoulli sample per entry (``bernoulli_``), a large share of a
-BERT-sized encoder's training step (``benchmarks/results/perf.md``). Here each random int64 gives four
-16-bit chunks; each chunk, shifted to 15 bits and compared against a threshold by subtraction and a sign
-shift (plain int16 arithmetic, no boolean tensor), becomes -1 (every bit set: kept) or 0 (dropped), stored as int8 — a byte per entry, as a
-boolean mask. Zeroing the dropped entries is then an AND of the tensor's bits with the mask
+PyTorch's CPU dropout draws one Bernoulli sample per entry (``bernoulli_``), a large share of a BERT-sized
+encoder's training step (``benchmarks/results/perf.md``). Here each random int64 gives four 16-bit chunks;
+each chunk, shifted to 15 bits and compared against a threshold by subtraction and a sign shift (plain int16
+arithmetic, no boolean tensor), becomes -1 (every bit set: kept) or 0 (dropped), stored as int8 — a byte per
+entry, as a boolean mask. Zeroing the dropped entries is then an AND of the tensor's bits with the mask
 (`zero_dropped`): comparisons to booleans and ``torch.where`` with a boolean condition are several times
-slower on a CPU than integer arithmetic over the same bytes. The kept share is exact in steps of
-1/32,768 (``keep_levels``) and the survivors are scaled by the inverse of that share, so the expectation
-is unchanged. The mask is a function of a seed drawn from torch's generator, so ``torch.manual_seed``
-fixes it as it fixes ``nn.Dropout``'s (the draws themselves differ from ``nn.Dropout``'s).
+slower on a CPU than integer arithmetic over the same bytes. The kept share is exact in steps of 1/32,768
+(``keep_levels``) and the survivors are scaled by the inverse of that share, so the expectation is
+unchanged. The mask is a function of a seed drawn from torch's generator, so ``torch.manual_seed`` fixes it
+as it fixes ``nn.Dropout``'s (the draws themselves differ from ``nn.Dropout``'s).
 
 `FastDropout` keeps the mask for backward, as ``nn.Dropout`` does; `fast_dropout(model)` swaps every
 ``nn.Dropout`` in a model for one while a block runs, and puts the originals back however the block ends.

@@ -17,10 +17,10 @@ import torch
 
 from .data import IGNORE, Encoded
 
-# Global batches per length-sorted pool. Larger pools pad less (a step's time follows its padded tokens) and
-# mix lengths less within a batch. Sequence-level tasks take 16: padding 1.07x the real tokens against 1.27x at 4,
-# at an accuracy within the seeds' spread (benchmarks/results/recipes.md). Token-level tasks keep 50: padding
-# costs them most (vocabulary-wide logits).
+# Global batches per length-sorted pool. Larger pools pad less (a step's time follows its padded
+# tokens) and mix lengths less within a batch. Sequence-level tasks take 16: the default job pads to 1.07x
+# its real tokens against 1.27x at 4, at an accuracy within the seeds' spread
+# (benchmarks/results/recipes.md). Token-level tasks keep 50: padding costs them most (vocabulary-wide logits).
 POOL_BATCHES = {"sequence": 16, "token": 50}
 
 

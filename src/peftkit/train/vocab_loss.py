@@ -3,13 +3,13 @@
 A small LM's largest tensors in training are its logits: (tokens × vocabulary) in float32, kept for
 backward, plus their softmax gradient (SmolLM2-135M, 49,152 words: 200 MB for a batch of 4 × 256).
 Here the model stops at its last hidden states (the output projection is skipped), and the loss
-``mean over labelled positions of logsumexp(h·Wᵀ + b) − (h·Wᵀ + b)[label]`` is computed on chunks of
-the labelled rows only (prompts and padding, which take no loss, are never projected). The loss is a
-scalar, so its gradients are known in forward: each chunk's softmax, made in place of its logits, gives
-its rows' gradient for h (and for W and b when they train) at once, and backward only scales them.
-What is kept: the gradient for h (tokens × hidden, float32), no logits, and nothing is recomputed. The same loss and gradients as transformers' causal-LM loss (the labels shifted by one, −100
-ignored, the softmax in float32; under autocast the products in autocast's dtype, as there), to float
-rounding.
+``mean over labelled positions of logsumexp(h·Wᵀ + b) − (h·Wᵀ + b)[label]`` is computed on chunks of the
+labelled rows only (prompts and padding, which take no loss, are never projected). The loss is a scalar, so
+its gradients are known in forward: each chunk's softmax, made in place of its logits, gives its rows'
+gradient for h (and for W and b when they train) at once, and backward only scales them. What is kept: the
+gradient for h (tokens × hidden, float32), no logits, and nothing is recomputed. The same loss and gradients
+as transformers' causal-LM loss (the labels shifted by one, −100 ignored, the softmax in float32; under
+autocast the products in autocast's dtype, as there), to float rounding.
 
 `VocabLoss.probe` decides per model: it compares the model's own logits with ``h·Wᵀ + b`` on a few
 tokens, so models that change their logits after the projection (soft-capping, scaling) keep the
