@@ -15,10 +15,11 @@ from peftkit.train.config import TrainConfig
 from peftkit.train.run import train
 from peftkit.train.trainer import Interrupted, Trainer
 
+RUN_DEFAULTS = dict(batch_size=8, max_steps=12, lr=5e-3, progress=False, eval_fraction=0.25, seed=1)
+
 
 def run(out: Path, model: Path, data: Path, **options) -> dict:
-    base = dict(model=str(model), data=str(data), out=str(out), batch_size=8, max_steps=12, lr=5e-3,
-                progress=False, eval_fraction=0.25, seed=1)
+    base = dict(RUN_DEFAULTS, model=str(model), data=str(data), out=str(out))
     base.update(options)
     return train(TrainConfig(**base), echo=lambda _s: None)
 
@@ -85,12 +86,17 @@ def test_resume_is_bit_identical(tmp_path, bert_dir, sentiment_csv, monkeypatch)
     with pytest.raises(CheckpointError, match="unfinished run.*--resume"):
         run(tmp_path / "b", bert_dir, sentiment_csv, **opts)
     assert (tmp_path / "b" / "checkpoint" / "adapter.safetensors").read_bytes() == before
-    resumed = run(tmp_path / "b", bert_dir, sentiment_csv, resume="auto", **opts)
+    lines: list[str] = []
+    resumed = train(TrainConfig(**{**RUN_DEFAULTS, "model": str(bert_dir), "data": str(sentiment_csv),
+                                   "out": str(tmp_path / "b"), "resume": "auto", **opts}), echo=lines.append)
     a, b = adapter_tensors(tmp_path / "a" / "adapter"), adapter_tensors(tmp_path / "b" / "adapter")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed["steps"] == 10
+    # the summary's time line: training time over all 10 steps, "this process" only the 6 it ran
+    timing = next(line for line in lines if "train time" in line)
+    assert "(10 steps, resumed at step 4)" in timing and "this process: 6 steps" in timing
 
 
 def test_a_run_resumes_with_the_pool_size_it_started_with(tmp_path, bert_dir, sentiment_csv, monkeypatch) -> None:
@@ -119,6 +125,30 @@ def test_a_run_resumes_with_the_pool_size_it_started_with(tmp_path, bert_dir, se
     assert not all(torch.equal(a[key], c[key]) for key in a)
     state = json.loads((tmp_path / "b" / "checkpoint" / "trainer.json").read_text())
     assert state["identity"]["batch_order"] == "length-sorted pools of 2"  # and it records it again
+
+
+def test_a_resumed_data_calibrated_run_keeps_the_masks_it_started_with(tmp_path, bert_dir, sentiment_csv,
+                                                                        monkeypatch) -> None:
+    """Calibration runs again in the resuming process, on today's batch order (before the checkpoint is read);
+    the masks the run started with come back from the checkpoint, so the run ends as it would have."""
+    from peftkit.train import batches
+
+    opts = dict(max_steps=6, batch_size=4, method="sparse_adapter", calibration_batches=2,
+                method_options={"sparsity": 0.5, "score": "snip"})
+    monkeypatch.setitem(batches.POOL_BATCHES, "sequence", 2)
+    run(tmp_path / "a", bert_dir, sentiment_csv, **opts)
+    _interrupt_at(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", bert_dir, sentiment_csv, **opts)
+    monkeypatch.undo()
+    run(tmp_path / "b", bert_dir, sentiment_csv, resume="auto", **opts)
+    run(tmp_path / "c", bert_dir, sentiment_csv, **opts)  # today's order calibrates to other masks
+    a, b, c = (adapter_tensors(tmp_path / name / "adapter") for name in "abc")
+    masks = [key for key in a if "mask" in key]
+    assert masks and a.keys() == b.keys()
+    assert not all(torch.equal(a[key], c[key]) for key in masks)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_the_recorded_batch_order_reads_back() -> None:

@@ -42,7 +42,7 @@ from .log import RunLog
 from .output import check_writable
 from .precision import base_dtype
 from .precision import resolve as resolve_precision
-from .trainer import Trainer
+from .trainer import FitResult, Trainer, resumed_pool
 
 RUN_FILE = "run.json"
 RUN_ENTRIES = ("adapter", "best", "checkpoint", "tensorboard", "metrics.jsonl", RUN_FILE)  # what a run writes
@@ -291,16 +291,21 @@ def _probe(job: Job, tuned: Any, prepared: data_mod.Prepared, pad_id: int, dist:
     return probe_head(tuned, prepared, pad_id, dist.device, job.cfg.seed)
 
 
-def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id: int, dist: Dist) -> list[str]:
+def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id: int, dist: Dist,
+               resume: Path | None) -> list[str]:
     """Methods that set themselves up from data (e.g. SNIP / GraSP masks) see the first training
-    batches, before the optimizer exists (the same batches on every process)."""
+    batches, before the optimizer exists (the same batches on every process). A resumed run sees the
+    batches it started with, so it sets itself up as it did then: the kept weights of a mask, and with them
+    the shapes of the optimizer state in its checkpoint, follow from the batches."""
 
     if not tuned.needs_calibration:
         return []
     from .batches import collate, epoch_batches, pool_batches
 
+    pool = (resumed_pool(read(resume), cfg.group_by_length) if resume is not None else None) \
+        or pool_batches(prepared.train.per_token)
     order = epoch_batches(prepared.train.lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length,
-                          pool=pool_batches(prepared.train.per_token))
+                          pool=pool)
     batches = [{k: v.to(dist.device) for k, v in collate(prepared.train, index, pad_id).items()}
                for index in order[: cfg.calibration_batches]]
     torch.manual_seed(cfg.seed)
@@ -316,7 +321,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     t_start = time.perf_counter()
     tok, prepared, tuned = _prepare(job, dist)
     _guard_out(job, resume)  # after every mistake in the data and method options has been reported
-    calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist)
+    calibrated = _calibrate(tuned, prepared, cfg, tok.pad_token_id, dist, resume)
     summary = tuned.summary()
     sharded = fsdp.shard_from_rank0(tuned, dist) if _from_rank0(job, dist) else None
     trainer = Trainer(tuned, prepared, cfg, out=out, pad_id=tok.pad_token_id, dist=dist, sharded=sharded,
@@ -347,7 +352,7 @@ def _train(job: Job, dist: Dist, echo: Callable[[str], None], warn: Callable[[st
     log.close()
     adapter_bytes = models.folder_bytes(adapter_dir) if dist.main else 0
     echo("  after:  " + _fmt(metrics) + (" (stopped early)" if result.stopped_early else ""))
-    echo(f"  train time: {result.train_seconds:.1f} s ({result.steps} steps); total {time.perf_counter() - t_start:.1f} s")
+    echo("  " + _timing(result, time.perf_counter() - t_start))
     echo(f"  adapter: {adapter_dir} ({adapter_bytes / 1024:.1f} KiB)")
     doc = {"metrics": metrics, "metrics_before": before, "trainable_params": summary.trainable,
            "total_params": summary.total, "adapter_path": str(adapter_dir), "adapter_bytes": adapter_bytes,
@@ -417,6 +422,15 @@ def _fmt(metrics: dict[str, float]) -> str:
         return "not evaluated (no held-out examples)"
     keys = [k for k in ("accuracy", "macro_f1", "loss", "perplexity") if k in metrics]
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+
+def _timing(result: FitResult, process_seconds: float) -> str:
+    """The summary's time line. Training time spans the whole run, resumed or not, while the total is this
+    process's, so after a resume the line says how many steps this process ran."""
+    if not result.resumed_at:
+        return f"train time: {result.train_seconds:.1f} s ({result.steps} steps); total {process_seconds:.1f} s"
+    return (f"train time: {result.train_seconds:.1f} s ({result.steps} steps, resumed at step {result.resumed_at}); "
+            f"this process: {result.steps - result.resumed_at} steps, {process_seconds:.1f} s in all")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -81,6 +81,13 @@ class FitResult:
     best: dict[str, Any] | None
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    resumed_at: int = 0  # the step this process started from (0 unless it resumed a checkpoint)
+
+
+def resumed_pool(doc: dict[str, Any], group_by_length: bool) -> int | None:
+    """The pool size of the run whose checkpoint state is `doc` (None: random batches, or not recorded). A run
+    keeps the pool size it started with, should the default have changed since."""
+    return recorded_pool(doc.get("identity", {}).get("batch_order")) if group_by_length else None
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -246,8 +253,7 @@ class Trainer:
     def resume(self, folder: Path) -> None:
         doc = ckpt.read(folder)
         theirs_all = doc.get("identity", {})
-        # a run keeps the pool size it started with, should the default have changed since
-        pool = (recorded_pool(theirs_all.get("batch_order")) if self.cfg.group_by_length else None) or self.pool
+        pool = resumed_pool(doc, self.cfg.group_by_length) or self.pool
         mine = self._identity(pool)
         diff = [k for k in mine if theirs_all.get(k) != mine[k] and not _same_file(theirs_all.get(k), mine[k])]
         if diff:
@@ -440,7 +446,7 @@ class Trainer:
             self.state["finished"], self.state["stopped_early"] = True, stopped_early
             self.save_checkpoint()
         return FitResult(self.state["step"], train_seconds, metrics, self.state["best"], self.state["history"],
-                         stopped_early)
+                         stopped_early, resumed_at=start)
 
     def _agree(self, local: bool) -> bool:
         """Every process stops at the same step when any of them was signalled."""
