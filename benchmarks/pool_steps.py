@@ -11,12 +11,9 @@ the figures and the accuracy of each pool size over seeds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import tempfile
 import time
-from pathlib import Path
 
-import _common  # noqa: F401  (offline settings)
+import _common
 import torch
 
 
@@ -38,20 +35,12 @@ def main() -> None:
 
     from peftkit.core.attention import dropout_attention
     from peftkit.core.dropout import fast_dropout
-    from peftkit.train import run
     from peftkit.train.batches import epoch_batches
-    from peftkit.train.config import TrainConfig
-    from peftkit.train.distributed import Dist
-    from peftkit.train.precision import resolve
-    from peftkit.train.trainer import Trainer
 
-    job = run.plan(TrainConfig(progress=False))
-    job = dataclasses.replace(job, cfg=dataclasses.replace(job.cfg, precision=resolve(args.precision,
-                                                                                      torch.device("cpu"))))
-    tok, prepared, tuned = run._prepare(job, Dist())
-    trainer = Trainer(tuned, prepared, job.cfg, out=Path(tempfile.mkdtemp()), pad_id=tok.pad_token_id)
+    trainer, prepared = _common.default_job_trainer(args.precision)
+    cfg = trainer.cfg
     lengths = prepared.train.lengths
-    orders = {p: epoch_batches(lengths, job.cfg.batch_size, job.cfg.seed, 0, pool=p) for p in args.pools}
+    orders = {p: epoch_batches(lengths, cfg.batch_size, cfg.seed, 0, pool=p) for p in args.pools}
     steps = min(args.steps, *(len(o) - 1 for o in orders.values()))
     seconds = dict.fromkeys(args.pools, 0.0)
     with fast_dropout(trainer.model), dropout_attention(trainer.model):
@@ -68,7 +57,7 @@ def main() -> None:
 
     tokens = {p: padded(orders[p][1:steps + 1]) for p in args.pools}
     first = args.pools[0]
-    print(f"{steps} steps of each order, precision {job.cfg.precision}, {args.threads} threads")
+    print(f"{steps} steps of each order, precision {cfg.precision}, {args.threads} threads")
     print(f"| pool | time / pool {first} | padded tokens / pool {first} | padded / real tokens (epoch) |")
     print("|---|---|---|---|")
     real = int(lengths.sum())

@@ -99,6 +99,19 @@ def test_resume_is_bit_identical(tmp_path, bert_dir, sentiment_csv, monkeypatch)
     assert "(10 steps, resumed at step 4)" in timing and "this process: 6 steps" in timing
 
 
+def _run_and_interrupt_under_pools_of_2(tmp_path, bert_dir, sentiment_csv, monkeypatch, step, **opts) -> None:
+    """Under pools of 2 (an older default): run "a" to the end and run "b" until it is interrupted at `step`;
+    today's default is back afterwards."""
+    from peftkit.train import batches
+
+    monkeypatch.setitem(batches.POOL_BATCHES, "sequence", 2)
+    run(tmp_path / "a", bert_dir, sentiment_csv, **opts)
+    _interrupt_at(monkeypatch, step)
+    with pytest.raises(Interrupted):
+        run(tmp_path / "b", bert_dir, sentiment_csv, **opts)
+    monkeypatch.undo()
+
+
 def test_a_run_resumes_with_the_pool_size_it_started_with(tmp_path, bert_dir, sentiment_csv, monkeypatch) -> None:
     """A checkpoint written under another default pool size (an older peftkit) continues with its own batch
     order, so the finished run is the one it would have been uninterrupted."""
@@ -106,12 +119,7 @@ def test_a_run_resumes_with_the_pool_size_it_started_with(tmp_path, bert_dir, se
 
     opts = dict(max_steps=10, batch_size=4)
     default = batches.POOL_BATCHES["sequence"]
-    monkeypatch.setitem(batches.POOL_BATCHES, "sequence", 2)
-    run(tmp_path / "a", bert_dir, sentiment_csv, **opts)
-    _interrupt_at(monkeypatch, 4)
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", bert_dir, sentiment_csv, **opts)
-    monkeypatch.undo()
+    _run_and_interrupt_under_pools_of_2(tmp_path, bert_dir, sentiment_csv, monkeypatch, 4, **opts)
     assert batches.POOL_BATCHES["sequence"] == default != 2
     state = json.loads((tmp_path / "b" / "checkpoint" / "trainer.json").read_text())
     assert state["identity"]["batch_order"] == "length-sorted pools of 2"
@@ -129,18 +137,12 @@ def test_a_run_resumes_with_the_pool_size_it_started_with(tmp_path, bert_dir, se
 
 def test_a_resumed_data_calibrated_run_keeps_the_masks_it_started_with(tmp_path, bert_dir, sentiment_csv,
                                                                         monkeypatch) -> None:
-    """Calibration runs again in the resuming process, on today's batch order (before the checkpoint is read);
-    the masks the run started with come back from the checkpoint, so the run ends as it would have."""
-    from peftkit.train import batches
-
+    """The resuming process calibrates again, on the batches the run started with (the pool size its checkpoint
+    records, not today's default), so its masks, and the optimizer state's shapes, are the run's own and the
+    run ends as it would have uninterrupted."""
     opts = dict(max_steps=6, batch_size=4, method="sparse_adapter", calibration_batches=2,
                 method_options={"sparsity": 0.5, "score": "snip"})
-    monkeypatch.setitem(batches.POOL_BATCHES, "sequence", 2)
-    run(tmp_path / "a", bert_dir, sentiment_csv, **opts)
-    _interrupt_at(monkeypatch, 3)
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", bert_dir, sentiment_csv, **opts)
-    monkeypatch.undo()
+    _run_and_interrupt_under_pools_of_2(tmp_path, bert_dir, sentiment_csv, monkeypatch, 3, **opts)
     run(tmp_path / "b", bert_dir, sentiment_csv, resume="auto", **opts)
     run(tmp_path / "c", bert_dir, sentiment_csv, **opts)  # today's order calibrates to other masks
     a, b, c = (adapter_tensors(tmp_path / name / "adapter") for name in "abc")

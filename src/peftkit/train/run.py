@@ -302,8 +302,8 @@ def _calibrate(tuned: Any, prepared: data_mod.Prepared, cfg: TrainConfig, pad_id
         return []
     from .batches import collate, epoch_batches, pool_batches
 
-    pool = (resumed_pool(read(resume), cfg.group_by_length) if resume is not None else None) \
-        or pool_batches(prepared.train.per_token)
+    recorded = resumed_pool(read(resume), cfg.group_by_length) if resume is not None else None
+    pool = recorded or pool_batches(prepared.train.per_token)
     order = epoch_batches(prepared.train.lengths, cfg.batch_size, cfg.seed, 0, group_by_length=cfg.group_by_length,
                           pool=pool)
     batches = [{k: v.to(dist.device) for k, v in collate(prepared.train, index, pad_id).items()}
