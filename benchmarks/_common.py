@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from peftkit.core import rebuild
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -48,6 +50,7 @@ def saved_activation_bytes(step: Callable[[], torch.Tensor]) -> int:
     total = 0
     seen: set[int] = set()
 
+    @rebuild.transparent  # counting keeps tensors as they are: rebuilt inputs count as they are kept
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
         key = t.untyped_storage().data_ptr()

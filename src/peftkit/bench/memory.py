@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..core import rebuild
 from ..train.batches import answer_logits_only, collate, takes_logits_to_keep
 from ..train.data import Encoded
 
@@ -38,6 +39,7 @@ def saved_for_backward_bytes(model: Any, batch: dict[str, torch.Tensor], per_tok
     seen: set[int] = set()
     total = 0
 
+    @rebuild.transparent  # counting keeps tensors as they are: rebuilt inputs count as they are kept
     def pack(t: torch.Tensor) -> torch.Tensor:
         nonlocal total
         key = t.untyped_storage().data_ptr()

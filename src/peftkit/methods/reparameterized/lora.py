@@ -35,6 +35,7 @@ from ...core.linear import (
     linear_weight,
 )
 from ...core.protocol import Delta
+from ...core.rebuild import Rebuilder
 from ...core.registry import Attachment, MethodSpec, register
 from ...core.targets import base_at, head_names, iter_sites, matches, select
 from ...errors import ConfigError, TargetError
@@ -99,6 +100,7 @@ class LoraLinear(Delta):
         self.dropout_p = dropout
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shared: SharedInput | None = None  # set by `build` for projections that read one input
+        self.rebuilder: Rebuilder | None = None  # set by `build`: rebuilds x in backward instead of keeping it
         if init == "gaussian":
             nn.init.normal_(self.A, std=1.0 / r)
         else:
@@ -119,7 +121,7 @@ class LoraLinear(Delta):
         """h = dropout(x)·Aᵀ, computed with the projections that read the same x when there are some."""
         if self.shared is not None:
             return self.shared.take(self, x)
-        return down(x, [self.A], self.dropout_p, self.training)[0]
+        return down(x, [self.A], self.dropout_p, self.training, rebuilder=self.rebuilder)[0]
 
     def _up(self, out: torch.Tensor | None, x: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         return up(out, self._down(x), self.B, self.scaling, overwrite=overwrite)
@@ -210,6 +212,10 @@ def build(model: nn.Module, config: LoraConfig) -> Attachment:
                 attachment.add(site, "bias", BiasShift(module))
     _share_inputs(model, {site: slots["lora"] for site, slots in attachment.sites.items()
                           if isinstance(slots.get("lora"), LoraLinear) and slots["lora"].magnitude is None})
+    rebuilder = Rebuilder(model)
+    for slots in attachment.sites.values():
+        if isinstance(slots.get("lora"), LoraLinear):
+            slots["lora"].rebuilder = rebuilder
     return attachment
 
 

@@ -2,10 +2,11 @@
 backward and pass over large tensors as few times as they can.
 
 - `down` computes ``h = dropout(x) · Aᵀ`` for every projection that reads x at once (query, key and
-  value read the same hidden states: `SharedInput`), in one pass over x. It keeps x itself — one tensor
-  for all of them — and one dropout mask shared by them, a byte per entry, never a dropped float copy of x;
-  the 1/keep scale goes on the small h. Its backward computes every A gradient and the gradient for x
-  in one pass each.
+  value read the same hidden states: `SharedInput`), in one pass over x. It keeps one dropout mask shared
+  by them, a byte per entry, never a dropped float copy of x; the 1/keep scale goes on the small h. Of x
+  it keeps nothing when backward can rebuild x from what x's producer keeps anyway (a norm's input, a
+  GELU's input, attention's probabilities and values: `core.rebuild`), else x itself, one tensor for all
+  of them. Its backward computes every A gradient and the gradient for x in one pass each.
 - `up` adds ``s · h · Bᵀ`` to the layer's output with one ``addmm`` (no separate product tensor, no
   second pass to add it; into the output itself when the host says no one else reads it), keeping only
   the small h: r/in of x's size, where recomputing it in backward would read x again per projection.
@@ -34,8 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ...core import rebuild
 from ...core.dropout import LEVELS, from_bool, keep_levels, new_seed, random_mask, zero_dropped
 from ...core.linear import compute_dtype
+from ...core.rebuild import Rebuilder
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -49,22 +52,27 @@ def _stacked(As: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 class _Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, keep: float, seed: int | None, mask: torch.Tensor | None,
-                *As: torch.Tensor) -> torch.Tensor:
+                rebuilder: Rebuilder | None, *As: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(As[0].device, As[0].dtype)
+        # x is needed only for A's gradient; rebuilt in backward from what x's producer keeps when it can
+        needs_x = any(ctx.needs_input_grad[5:])
+        source = rebuilder.plan(x) if needs_x and rebuilder is not None else None
         x_in, x = x.dtype, x.to(dtype)
         if seed is not None:
             mask = random_mask(x, round(keep * LEVELS), seed)
         A = _stacked(As, dtype)
         # the mask: a byte per entry, a quarter of a float copy of x; A as the products use it, so backward
         # neither stacks nor casts it again, and only when x takes a gradient (the first layer's does not)
-        ctx.save_for_backward(x, mask, A if ctx.needs_input_grad[0] else None)
+        kept_x = source.leaves if source is not None else [x] if needs_x else []
+        ctx.save_for_backward(mask, A if ctx.needs_input_grad[0] else None, *kept_x)
+        ctx.rebuild = source.step if source is not None else None
         ctx.keep, ctx.dtypes, ctx.A_parts = keep, (dtype, x_in), [(a.shape[0], a.dtype) for a in As]  # (rows, dtype)
         h = F.linear(zero_dropped(x, mask), A)  # (…, Σr): all in one pass
         return h.mul_(1.0 / keep) if keep != 1.0 else h  # 1/keep on the small side
 
     @staticmethod
     def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, mask, A = ctx.saved_tensors
+        mask, A, *kept_x = ctx.saved_tensors
         dtype, x_in = ctx.dtypes
         grad_h = grad_h.to(dtype)
         if ctx.keep != 1.0:
@@ -72,9 +80,12 @@ class _Down(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = zero_dropped(F.linear(grad_h, A.T), mask).to(x_in)
+        if not kept_x:
+            return grad_x, None, None, None, None, *(None for _ in ctx.A_parts)
+        x = rebuild.run(ctx.rebuild, kept_x).to(dtype) if ctx.rebuild is not None else kept_x[0]
         grad_A = _rows(grad_h).T @ _rows(zero_dropped(x, mask))  # (Σr, N)·(N, in)
         grads = grad_A.split([rows for rows, _ in ctx.A_parts])
-        return grad_x, None, None, None, *(g.to(a_dtype) for g, (_, a_dtype) in zip(grads, ctx.A_parts, strict=True))
+        return grad_x, None, None, None, None, *(g.to(a_dtype) for g, (_, a_dtype) in zip(grads, ctx.A_parts, strict=True))
 
 
 class _Up(torch.autograd.Function):
@@ -104,17 +115,18 @@ class _Up(torch.autograd.Function):
 
 
 def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: bool = False,
-         mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+         mask: torch.Tensor | None = None, rebuilder: Rebuilder | None = None) -> list[torch.Tensor]:
     """``dropout_p(x) · A_iᵀ`` for each A_i, in one pass (views of one (…, Σr) result). Dropout only while
     `training`: one fresh keep-mask for all (its seed drawn from torch's generator, so
-    ``torch.manual_seed`` fixes it; the kept share is `keep_levels`'s), or `mask` (True = kept)."""
+    ``torch.manual_seed`` fixes it; the kept share is `keep_levels`'s), or `mask` (True = kept). With a
+    `rebuilder`, backward rebuilds x from what x's producer keeps where it can, instead of keeping x."""
     if not (p > 0 and training):
         keep, seed, mask = 1.0, None, None
     elif mask is not None:
         keep, seed, mask = 1.0 - p, None, from_bool(mask.to(torch.bool))
     else:
         keep, seed = keep_levels(p) / LEVELS, new_seed()
-    h = _Down.apply(x, keep, seed, mask, *As)
+    h = _Down.apply(x, keep, seed, mask, rebuilder, *As)
     return list(h.split([A.shape[0] for A in As], dim=-1)) if len(As) > 1 else [h]
 
 
@@ -149,7 +161,7 @@ class SharedInput:
         """`member`'s h for input `x`."""
         if self._x is not x or id(member) not in self._pending:
             first = self.members[0]
-            hs = down(x, [m.A for m in self.members], first.dropout_p, first.training)
+            hs = down(x, [m.A for m in self.members], first.dropout_p, first.training, rebuilder=first.rebuilder)
             self._x, self._pending = x, {id(m): h for m, h in zip(self.members, hs, strict=True)}
         h = self._pending.pop(id(member))
         if not self._pending:
