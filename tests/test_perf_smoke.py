@@ -36,3 +36,20 @@ def test_quick_run_writes_every_section(perf, tmp_path):
         ratios = [float(v) for v in re.findall(r"\| (\d+\.\d{3}) ", table)]
         assert ratios and all(r > 0 for r in ratios), section
     assert text.count("| minilm |") >= len(perf.RUNNERS) - 2  # causal rows come from smollm2 only
+
+
+def test_quick_rebuild_comparison_prints_its_rows(capsys):
+    """benchmarks/rebuild_ab.py --quick: a row per model and LoRA setting; with every linear layer adapted the
+    rebuilt side keeps less, on both architectures."""
+    spec = importlib.util.spec_from_file_location("rebuild_ab_benchmark", SCRIPT.parent / "rebuild_ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", "--threads", "1", "--models", "minilm", "smollm2"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| minilm")
+            or line.startswith("| smollm2")]
+    assert len(rows) == 6
+    for row in rows:
+        memory_ratio = float(row[5])
+        assert 0 < memory_ratio <= 1
+        if row[1].startswith("all linear"):
+            assert memory_ratio < 1

@@ -86,7 +86,10 @@ def transparent(pack: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor],
 
 
 def _hooks_allow() -> bool:
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # private: may go away
+    if top_hooks is None:
+        return False
+    hooks = top_hooks(False)
     return hooks is None or getattr(hooks[0], "__peftkit_transparent__", False)
 
 
@@ -102,7 +105,7 @@ class Rebuilder:
             if isinstance(module, nn.LayerNorm) and isinstance(eps, float) and isinstance(weight, torch.Tensor):
                 self._eps[id(weight)] = (weakref.ref(weight), eps)
 
-    def __getstate__(self) -> dict[str, Any]:  # weak references do not pickle: a copy keeps its inputs
+    def __getstate__(self) -> dict[str, Any]:  # weak references do not pickle: a copy forgets the epsilons
         return {"_eps": {}, "_checked": {}}
 
     def _eps_of(self, weight: torch.Tensor | None) -> float | None:

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from ...core import rebuild
 from ...core.dropout import LEVELS, from_bool, keep_levels, new_seed, random_mask, zero_dropped
 from ...core.linear import compute_dtype
-from ...core.rebuild import Rebuilder
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -52,7 +51,7 @@ def _stacked(As: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 class _Down(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, keep: float, seed: int | None, mask: torch.Tensor | None,
-                rebuilder: Rebuilder | None, *As: torch.Tensor) -> torch.Tensor:
+                rebuilder: rebuild.Rebuilder | None, *As: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(As[0].device, As[0].dtype)
         # x is needed only for A's gradient; rebuilt in backward from what x's producer keeps when it can
         needs_x = any(ctx.needs_input_grad[5:])
@@ -65,7 +64,7 @@ class _Down(torch.autograd.Function):
         # neither stacks nor casts it again, and only when x takes a gradient (the first layer's does not)
         kept_x = source.leaves if source is not None else [x] if needs_x else []
         ctx.save_for_backward(mask, A if ctx.needs_input_grad[0] else None, *kept_x)
-        ctx.rebuild = source.step if source is not None else None
+        ctx.rebuild_step = source.step if source is not None else None
         ctx.keep, ctx.dtypes, ctx.A_parts = keep, (dtype, x_in), [(a.shape[0], a.dtype) for a in As]  # (rows, dtype)
         h = F.linear(zero_dropped(x, mask), A)  # (…, Σr): all in one pass
         return h.mul_(1.0 / keep) if keep != 1.0 else h  # 1/keep on the small side
@@ -82,7 +81,7 @@ class _Down(torch.autograd.Function):
             grad_x = zero_dropped(F.linear(grad_h, A.T), mask).to(x_in)
         if not kept_x:
             return grad_x, None, None, None, None, *(None for _ in ctx.A_parts)
-        x = rebuild.run(ctx.rebuild, kept_x).to(dtype) if ctx.rebuild is not None else kept_x[0]
+        x = rebuild.run(ctx.rebuild_step, kept_x).to(dtype) if ctx.rebuild_step is not None else kept_x[0]
         grad_A = _rows(grad_h).T @ _rows(zero_dropped(x, mask))  # (Σr, N)·(N, in)
         grads = grad_A.split([rows for rows, _ in ctx.A_parts])
         return grad_x, None, None, None, None, *(g.to(a_dtype) for g, (_, a_dtype) in zip(grads, ctx.A_parts, strict=True))
@@ -115,7 +114,7 @@ class _Up(torch.autograd.Function):
 
 
 def down(x: torch.Tensor, As: Sequence[torch.Tensor], p: float = 0.0, training: bool = False,
-         mask: torch.Tensor | None = None, rebuilder: Rebuilder | None = None) -> list[torch.Tensor]:
+         mask: torch.Tensor | None = None, rebuilder: rebuild.Rebuilder | None = None) -> list[torch.Tensor]:
     """``dropout_p(x) · A_iᵀ`` for each A_i, in one pass (views of one (…, Σr) result). Dropout only while
     `training`: one fresh keep-mask for all (its seed drawn from torch's generator, so
     ``torch.manual_seed`` fixes it; the kept share is `keep_levels`'s), or `mask` (True = kept). With a

@@ -1,0 +1,87 @@
+"""LoRA with its input rebuilt in backward (the default) against LoRA keeping it (`core.rebuild.disabled`):
+step time, interleaved in one process, and training memory, counted exactly.
+
+    .venv/bin/python benchmarks/rebuild_ab.py [--models minilm smollm2] [--repeats 24] [--threads 2] [--bf16]
+
+Rows: LoRA r=8, alpha=16 on query and value with dropout 0.1 and 0, and on every linear layer with dropout 0,
+on the batches of `perf.py` (MiniLM 32×64, SmolLM2 4×256). The rounds alternate which side runs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from perf import benches, memory, train_step  # noqa: E402
+
+import peftkit  # noqa: E402
+from peftkit.core import rebuild  # noqa: E402
+
+
+def _side(step: Callable[[], None], rebuilt: bool, bf16: bool) -> Callable[[], None]:
+    def run() -> None:
+        with (contextlib.nullcontext() if rebuilt else rebuild.disabled()), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            step()
+    return run
+
+
+def compare(bench, targets, dropout: float, repeats: int, bf16: bool) -> dict[str, float]:
+    model = peftkit.attach(bench.make(), peftkit.config("lora", r=8, alpha=16, dropout=dropout,
+                                                        targets=targets)).train()
+    step = train_step(model, bench.batch)
+    sides = {True: _side(step, True, bf16), False: _side(step, False, bf16)}
+    for _ in range(2):
+        sides[True](), sides[False]()
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(repeats):
+        for rebuilt in ((True, False) if i % 2 else (False, True)):
+            start = time.perf_counter()
+            sides[rebuilt]()
+            times[rebuilt].append(time.perf_counter() - start)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with rebuild.disabled():
+            kept = memory(model, bench.batch)
+        rebuilt_bytes = memory(model, bench.batch)
+    paired = [a / b for a, b in zip(times[True], times[False], strict=True)]
+    return {"time rebuilt / kept (medians)": statistics.median(times[True]) / statistics.median(times[False]),
+            "time rebuilt / kept (paired)": statistics.median(paired), "step kept (s)": statistics.median(times[False]),
+            "memory rebuilt / kept": rebuilt_bytes / kept, "memory rebuilt (MB)": rebuilt_bytes / 2**20,
+            "memory kept (MB)": kept / 2**20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=["minilm", "smollm2"], default=["minilm"])
+    parser.add_argument("--repeats", type=int, default=24, help="interleaved rounds per row (default 24)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="run both sides under bfloat16 autocast")
+    parser.add_argument("--quick", action="store_true", help="tiny random models, 2 rounds: a smoke run")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+    repeats = 2 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {args.threads} threads, {repeats} rounds, {'bf16' if args.bf16 else 'fp32'}")
+    print("| model | lora | time rebuilt / kept (medians) | (paired) | step kept (s) | memory rebuilt / kept | "
+          "memory rebuilt (MB) | memory kept (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for bench in benches(args.models, args.quick):
+        for label, targets, dropout in (("q,v dropout 0.1", bench.lora_targets, 0.1),
+                                        ("q,v dropout 0", bench.lora_targets, 0.0),
+                                        ("all linear, dropout 0", "all-linear", 0.0)):
+            row = compare(bench, targets, dropout, repeats, args.bf16)
+            print(f"| {bench.name} | {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
