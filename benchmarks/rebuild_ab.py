@@ -1,10 +1,12 @@
-"""LoRA with its input rebuilt in backward (the default) against LoRA keeping it (`core.rebuild.disabled`):
-step time, interleaved in one process, and training memory, counted exactly.
+"""LoRA and (IA)³ with their inputs rebuilt in backward (the default) against keeping them
+(`core.rebuild.disabled`): step time, interleaved in one process, and training memory, counted exactly.
 
-    .venv/bin/python benchmarks/rebuild_ab.py [--models minilm smollm2] [--repeats 24] [--threads 2] [--bf16]
+    .venv/bin/python benchmarks/rebuild_ab.py [--models minilm smollm2] [--methods lora ia3] [--repeats 24]
+        [--threads 2] [--bf16]
 
-Rows: LoRA r=8, alpha=16 on query and value with dropout 0.1 and 0, and on every linear layer with dropout 0,
-on the batches of `perf.py` (MiniLM 32×64, SmolLM2 4×256). The rounds alternate which side runs first.
+Rows: LoRA r=8, alpha=16 on query and value with dropout 0.1 and 0, and on every linear layer with dropout 0;
+(IA)³ with its defaults (keys, values, the FFN down projection's input). On the batches of `perf.py`
+(MiniLM 32×64, SmolLM2 4×256). The rounds alternate which side runs first.
 """
 
 from __future__ import annotations
@@ -34,9 +36,8 @@ def _side(step: Callable[[], None], rebuilt: bool, bf16: bool) -> Callable[[], N
     return run
 
 
-def compare(bench, targets, dropout: float, repeats: int, bf16: bool) -> dict[str, float]:
-    model = peftkit.attach(bench.make(), peftkit.config("lora", r=8, alpha=16, dropout=dropout,
-                                                        targets=targets)).train()
+def compare(bench, config, repeats: int, bf16: bool) -> dict[str, float]:
+    model = peftkit.attach(bench.make(), config).train()
     step = train_step(model, bench.batch)
     sides = {True: _side(step, True, bf16), False: _side(step, False, bf16)}
     for _ in range(2):
@@ -61,6 +62,7 @@ def compare(bench, targets, dropout: float, repeats: int, bf16: bool) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=["minilm", "smollm2"], default=["minilm"])
+    parser.add_argument("--methods", nargs="+", choices=["lora", "ia3"], default=["lora"])
     parser.add_argument("--repeats", type=int, default=24, help="interleaved rounds per row (default 24)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="run both sides under bfloat16 autocast")
@@ -71,14 +73,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {args.threads} threads, {repeats} rounds, {'bf16' if args.bf16 else 'fp32'}")
-    print("| model | lora | time rebuilt / kept (medians) | (paired) | step kept (s) | memory rebuilt / kept | "
+    print("| model | method | time rebuilt / kept (medians) | (paired) | step kept (s) | memory rebuilt / kept | "
           "memory rebuilt (MB) | memory kept (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for bench in benches(args.models, args.quick):
-        for label, targets, dropout in (("q,v dropout 0.1", bench.lora_targets, 0.1),
-                                        ("q,v dropout 0", bench.lora_targets, 0.0),
-                                        ("all linear, dropout 0", "all-linear", 0.0)):
-            row = compare(bench, targets, dropout, repeats, args.bf16)
+        rows = [(f"lora {label}", peftkit.config("lora", r=8, alpha=16, dropout=dropout, targets=targets))
+                for label, targets, dropout in (("q,v dropout 0.1", bench.lora_targets, 0.1),
+                                                ("q,v dropout 0", bench.lora_targets, 0.0),
+                                                ("all linear, dropout 0", "all-linear", 0.0))
+                if "lora" in args.methods]
+        if "ia3" in args.methods:
+            rows.append(("ia3", peftkit.config("ia3")))
+        for label, config in rows:
+            row = compare(bench, config, repeats, args.bf16)
             print(f"| {bench.name} | {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |", flush=True)
     return 0
 

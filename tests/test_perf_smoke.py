@@ -39,17 +39,17 @@ def test_quick_run_writes_every_section(perf, tmp_path):
 
 
 def test_quick_rebuild_comparison_prints_its_rows(capsys):
-    """benchmarks/rebuild_ab.py --quick: a row per model and LoRA setting; with every linear layer adapted the
-    rebuilt side keeps less, on both architectures."""
+    """benchmarks/rebuild_ab.py --quick: a row per model and setting; with every linear layer adapted by LoRA,
+    and with (IA)³, the rebuilt side keeps less, on both architectures."""
     spec = importlib.util.spec_from_file_location("rebuild_ab_benchmark", SCRIPT.parent / "rebuild_ab.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--quick", "--threads", "1", "--models", "minilm", "smollm2"]) == 0
+    assert module.main(["--quick", "--threads", "1", "--models", "minilm", "smollm2", "--methods", "lora", "ia3"]) == 0
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| minilm")
             or line.startswith("| smollm2")]
-    assert len(rows) == 6
+    assert len(rows) == 8
     for row in rows:
         memory_ratio = float(row[5])
         assert 0 < memory_ratio <= 1
-        if row[1].startswith("all linear"):
+        if row[1].startswith("lora all linear") or row[1] == "ia3":
             assert memory_ratio < 1

@@ -128,9 +128,14 @@ def test_a_rebuild_that_differs_from_the_input_is_never_used(monkeypatch):
         assert torch.equal(ours, theirs)
 
 
-def _model_step(make, name: str, p: float, autocast: bool):
+def _model_step(make, name: str, p: float, autocast: bool, method: str = "lora", plain: bool = False):
     torch.manual_seed(0)
-    model = peftkit.attach(make(), peftkit.config("lora", targets="all-linear", dropout=p)).train()
+    config = peftkit.config("lora", targets="all-linear", dropout=p) if method == "lora" else peftkit.config(method)
+    model = peftkit.attach(make(), config).train()
+    if plain:  # deltas without a rebuilder run plain autograd
+        for module in model.modules():
+            if getattr(module, "rebuilder", None) is not None:
+                module.rebuilder = None
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         kept = saved_bytes(lambda: loss_of(model(**batch(name))))
@@ -145,6 +150,19 @@ def test_lora_on_every_linear_layer_of_a_model_trains_the_same_and_keeps_less(na
     grads, kept = _model_step(make, name, p, autocast)
     with rebuild.disabled():
         reference, kept_reference = _model_step(make, name, p, autocast)
+    for ours, theirs in zip(grads, reference, strict=True):
+        assert torch.equal(ours, theirs)
+    assert kept < kept_reference
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_ia3_scaling_the_feedforward_input_trains_the_same_and_keeps_less(name, autocast):
+    """(IA)³'s scale on the FFN down projection's input needs that input for its gradient: rebuilt from the
+    GELU's input (BERT) or the gated product's factors (Llama), not kept; the gradients are plain autograd's."""
+    make = {"bert": tiny_bert, "llama": tiny_llama}[name]
+    grads, kept = _model_step(make, name, 0.0, autocast, method="ia3")
+    reference, kept_reference = _model_step(make, name, 0.0, autocast, method="ia3", plain=True)
     for ours, theirs in zip(grads, reference, strict=True):
         assert torch.equal(ours, theirs)
     assert kept < kept_reference

@@ -5,18 +5,20 @@ FFN down projection the *input* ``y = W (l ⊙ x) + b``. Placement: the key and 
 (a fused qkv projection such as GPT-2's ``c_attn`` is scaled as a whole, as PEFT does) and the FFN
 down projection of every block, found by `core.arch`; or any linear layers given as `targets`,
 with `feedforward` naming those scaled on the input. Init: ones, so the model is unchanged at init.
-Mergeable: ``W ← diag(l) W, b ← l ⊙ b`` (output) or ``W ← W diag(l)`` (input).
+Mergeable: ``W ← diag(l) W, b ← l ⊙ b`` (output) or ``W ← W diag(l)`` (input). Training keeps no copy of a
+scaled input where backward can rebuild it from what the input's producer keeps (`core.rebuild`).
 Training recipe (`peftkit methods`): learning rate 1e-2.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from ...core import arch
+from ...core import arch, rebuild
 from ...core.config import SiteConfig
 from ...core.linear import assign_linear_weight, delta_dtype, device_of, is_linear, linear_dims, linear_weight
 from ...core.protocol import Delta
@@ -72,14 +74,41 @@ class ScaleOutput(_Scale):
             base.bias.mul_(self.scale.to(base.bias.dtype))
 
 
+class _ScaledInput(torch.autograd.Function):
+    """``x ⊙ l``. l's gradient needs x, which the frozen layer reading the product does not keep: backward
+    rebuilds x from what x's producer keeps (the FFN's GELU input, a gated MLP's two factors) where it can,
+    as plain autograd's product would otherwise keep x itself. The gradients are plain autograd's."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, rebuilder: rebuild.Rebuilder) -> torch.Tensor:
+        needs_x = ctx.needs_input_grad[1]
+        source = rebuilder.plan(x) if needs_x else None
+        ctx.save_for_backward(scale, *(source.leaves if source is not None else [x] if needs_x else []))
+        ctx.rebuild_step = source.step if source is not None else None
+        return x * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        scale, *kept_x = ctx.saved_tensors
+        grad_x = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if kept_x:
+            x = rebuild.run(ctx.rebuild_step, kept_x) if ctx.rebuild_step is not None else kept_x[0]
+            grad_scale = (grad * x).sum_to_size(scale.shape)
+        return grad_x, grad_scale, None
+
+
 class ScaleInput(_Scale):
     """``y = base(l ⊙ x)``, l ∈ R^{in}."""
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base, linear_dims(base)[0])
+        self.rebuilder: rebuild.Rebuilder | None = None  # set by `build`: rebuilds x in backward instead of keeping it
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.to(x.dtype)
+        if self.rebuilder is None or torch.compiler.is_compiling():
+            return x * self.scale.to(x.dtype)
+        return _ScaledInput.apply(x, self.scale.to(x.dtype), self.rebuilder)
 
     def fold(self, base: nn.Module) -> None:
         weight = linear_weight(base)
@@ -90,10 +119,15 @@ def build(model: nn.Module, config: IA3Config) -> Attachment:
     targets, feedforward = config.placement(model)
     sites = select(model, targets, exclude=config.exclude, layers=config.layers, accept=is_linear,
                    accept_label="Linear and Conv1D layers")
-    attachment = Attachment()
+    attachment, rebuilder = Attachment(), rebuild.Rebuilder(model)
     for site in sites:
         base = base_at(model, site)
-        attachment.add(site, "ia3", ScaleInput(base) if config.scales_input(site, feedforward) else ScaleOutput(base))
+        if config.scales_input(site, feedforward):
+            delta = ScaleInput(base)
+            delta.rebuilder = rebuilder
+        else:
+            delta = ScaleOutput(base)
+        attachment.add(site, "ia3", delta)
     return attachment
 
 
