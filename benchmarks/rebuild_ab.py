@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/rebuild_ab.py [--models minilm smollm2] [--methods lora ia3] [--repeats 24]
         [--threads 2] [--bf16]
+    .venv/bin/python benchmarks/rebuild_ab.py --default-job 120    (the default job's own steps, paired)
 
 Rows: LoRA r=8, alpha=16 on query and value with dropout 0.1 and 0, and on every linear layer with dropout 0;
 (IA)³ with its defaults (keys, values, the FFN down projection's input). On the batches of `perf.py`
@@ -59,6 +60,29 @@ def compare(bench, config, repeats: int, bf16: bool) -> dict[str, float]:
             "memory kept (MB)": kept / 2**20}
 
 
+def default_job(steps: int) -> str:
+    """The default job's trainer at `--precision auto`, each of its batches run once rebuilt and once kept
+    (order alternating), so that the batch length cancels: kept / rebuilt time, total and median pair."""
+    from _common import default_job_trainer
+
+    from peftkit.core.attention import dropout_attention
+    from peftkit.core.dropout import fast_dropout
+
+    trainer, _ = default_job_trainer("auto")
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with fast_dropout(trainer.model), dropout_attention(trainer.model):
+        trainer._step(0)
+        for step in range(1, steps + 1):
+            for rebuilt in ((True, False) if step % 2 else (False, True)):
+                with contextlib.nullcontext() if rebuilt else rebuild.disabled():
+                    start = time.perf_counter()
+                    trainer._step(step)
+                    times[rebuilt].append(time.perf_counter() - start)
+    pairs = [k / r for r, k in zip(times[True], times[False], strict=True)]
+    return (f"default job, {steps} steps: kept / rebuilt total {sum(times[False]) / sum(times[True]):.3f}, "
+            f"median pair {statistics.median(pairs):.3f} (rebuilt {sum(times[True]):.1f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=["minilm", "smollm2"], default=["minilm"])
@@ -67,10 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="run both sides under bfloat16 autocast")
     parser.add_argument("--quick", action="store_true", help="tiny random models, 2 rounds: a smoke run")
+    parser.add_argument("--default-job", type=int, metavar="STEPS",
+                        help="instead: the default job's first STEPS steps, each batch run both ways")
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+    if args.repeats < 1 or (args.default_job is not None and args.default_job < 1):
+        parser.error("--repeats and --default-job must be at least 1")
     torch.set_num_threads(args.threads)
+    if args.default_job is not None:
+        print(default_job(args.default_job))
+        return 0
     repeats = 2 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {args.threads} threads, {repeats} rounds, {'bf16' if args.bf16 else 'fp32'}")
     print("| model | method | time rebuilt / kept (medians) | (paired) | step kept (s) | memory rebuilt / kept | "

@@ -395,7 +395,8 @@ def test_train_flags_valid_forms(world, capsys, monkeypatch, tmp_path) -> None:
           "--format": "hf-peft", "--threads": 1, "--num-labels": 3, "--calibration-batches": 2, "--precision": "fp32",
           "--strategy": "ddp"}
     switches = ["--probe-head", "--load-best", "--overwrite", "--eval-before", "--gradient-checkpointing",
-                "--no-group-by-length", "--no-progress", "--no-chunked-loss", "--no-fast-dropout"] + (["--tensorboard"] if _tensorboard_installed() else [])
+                "--no-group-by-length", "--no-progress", "--no-chunked-loss", "--no-fast-dropout",
+                "--no-rebuild-inputs"] + (["--tensorboard"] if _tensorboard_installed() else [])
     argv = ["train", "--config", "job.yaml", "--print-config", "--json"]
     for flag, value in on.items():
         argv += [flag, str(value)]
@@ -411,7 +412,7 @@ def test_train_flags_valid_forms(world, capsys, monkeypatch, tmp_path) -> None:
         key = switch.removeprefix("--no-").removeprefix("--").replace("-", "_")
         assert shown[key] is (not switch.startswith("--no-")), key
     off = ["--no-probe-head", "--no-load-best", "--no-overwrite", "--no-eval-before", "--no-gradient-checkpointing",
-           "--group-by-length", "--progress", "--no-tensorboard", "--chunked-loss", "--fast-dropout"]
+           "--group-by-length", "--progress", "--no-tensorboard", "--chunked-loss", "--fast-dropout", "--rebuild-inputs"]
     resumed = ["train", "--resume", str(world["cls_run"]), "--print-config"]
     ran = run_cli(resumed + off, capsys)
     assert ran.rc == 0, ran.err

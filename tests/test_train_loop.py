@@ -180,6 +180,15 @@ def test_resume_refuses_other_settings(tmp_path, bert_dir, sentiment_csv) -> Non
         run(tmp_path / "new", bert_dir, sentiment_csv, resume="auto")
 
 
+def test_inputs_kept_or_rebuilt_train_the_same(tmp_path, bert_dir, sentiment_csv) -> None:
+    """--no-rebuild-inputs keeps LoRA's inputs instead of rebuilding them in backward: bit for bit the same run."""
+    options = {"method_options": {"targets": "all-linear"}, "max_steps": 5}
+    run(tmp_path / "rebuilt", bert_dir, sentiment_csv, **options)
+    run(tmp_path / "kept", bert_dir, sentiment_csv, rebuild_inputs=False, **options)
+    a, b = adapter_tensors(tmp_path / "rebuilt" / "adapter"), adapter_tensors(tmp_path / "kept" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_accumulation_equals_big_batch(tmp_path, bert_dir, sentiment_csv) -> None:
     run(tmp_path / "big", bert_dir, sentiment_csv, batch_size=8, max_steps=5)
     run(tmp_path / "acc", bert_dir, sentiment_csv, batch_size=4, grad_accum=2, max_steps=5)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import rebuild
 from ..core.attention import dropout_attention
 from ..core.dropout import fast_dropout
 from ..core.protocol import COPY_SLOT
@@ -411,6 +412,8 @@ class Trainer:
             if cfg.fast_dropout:  # the model's own dropout layers, and the attention-probability dropout
                 cheaper.enter_context(fast_dropout(self.model))
                 cheaper.enter_context(dropout_attention(self.model))
+            if not cfg.rebuild_inputs:
+                cheaper.enter_context(rebuild.disabled())
             for step in range(start, end):
                 loss, tokens = self._step(step)  # raises Diverged, saving nothing, on NaN / inf
                 self.state["step"] = step + 1
