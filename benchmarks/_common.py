@@ -6,6 +6,7 @@ the same process, with runs interleaved (A B A B ...) and the median taken.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -17,6 +18,14 @@ from peftkit.core import rebuild
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a usage error otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
+    return value
 
 
 def minilm_path() -> str:

@@ -15,13 +15,7 @@ import time
 
 import _common
 import torch
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number of at least 1")
-    return value
+from _common import positive
 
 
 def main() -> None:

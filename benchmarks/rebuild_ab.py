@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import positive  # noqa: E402
 from perf import benches, memory, train_step  # noqa: E402
 
 import peftkit  # noqa: E402
@@ -87,15 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=["minilm", "smollm2"], default=["minilm"])
     parser.add_argument("--methods", nargs="+", choices=["lora", "ia3"], default=["lora"])
-    parser.add_argument("--repeats", type=int, default=24, help="interleaved rounds per row (default 24)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=positive, default=24, help="interleaved rounds per row (default 24)")
+    parser.add_argument("--threads", type=positive, default=2)
     parser.add_argument("--bf16", action="store_true", help="run both sides under bfloat16 autocast")
     parser.add_argument("--quick", action="store_true", help="tiny random models, 2 rounds: a smoke run")
-    parser.add_argument("--default-job", type=int, metavar="STEPS",
+    parser.add_argument("--default-job", type=positive, metavar="STEPS",
                         help="instead: the default job's first STEPS steps, each batch run both ways")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or (args.default_job is not None and args.default_job < 1):
-        parser.error("--repeats and --default-job must be at least 1")
     torch.set_num_threads(args.threads)
     if args.default_job is not None:
         print(default_job(args.default_job))

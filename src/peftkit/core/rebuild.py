@@ -1,6 +1,6 @@
 """Rebuild a tensor in backward from tensors autograd keeps anyway, instead of keeping the tensor itself.
 
-A delta's backward often needs the input it was given: LoRA's A gradient is ``gradᵀ · x``. The frozen
+A delta's backward often needs the input it was given: a low-rank factor's gradient is ``gradᵀ · x``. The frozen
 layer beside it does not keep x (its weight takes no gradient), so keeping x is the delta's own cost: a
 full activation per adapted input. But x usually comes out of an op whose own backward keeps what made
 it — GELU keeps its input, a product keeps both factors, attention's ``bmm`` keeps the probabilities and
@@ -57,6 +57,24 @@ def run(step: Step, leaves: Sequence[torch.Tensor]) -> torch.Tensor:
     Kept apart from `Rebuild` so that a caller can save the leaves for backward and keep only the step."""
     with torch.no_grad(), torch.autocast(leaves[0].device.type, enabled=False):
         return _run(step, leaves)
+
+
+def saved_form(rebuilder: Rebuilder | None, x: torch.Tensor, needed: bool,
+               kept: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Step | None]:
+    """What a backward that needs `x` saves, and the step that gives x back (`restored`): the leaves that
+    rebuild x when `rebuilder` finds a plan; else `kept` (x as the caller uses it, x by default) and no step;
+    nothing when x is not `needed`."""
+    if not needed:
+        return [], None
+    source = rebuilder.plan(x) if rebuilder is not None else None
+    if source is None:
+        return [x if kept is None else kept], None
+    return source.leaves, source.step
+
+
+def restored(step: Step | None, saved: Sequence[torch.Tensor]) -> torch.Tensor:
+    """x again from what `saved_form` gave: rebuilt by `step`, or the tensor kept."""
+    return run(step, saved) if step is not None else saved[0]
 
 
 def _run(step: Step | int, leaves: Sequence[torch.Tensor]) -> torch.Tensor:

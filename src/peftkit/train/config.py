@@ -110,8 +110,8 @@ class TrainConfig:
                                       "from 15 random bits per entry, the same keep share to 1/32768; off: PyTorch's "
                                       "own dropout")
     rebuild_inputs: bool = _field(True, "rebuild the inputs of LoRA and (IA)3 layers in backward from what their "
-                                        "producers keep, instead of keeping them: the same gradients, less memory "
-                                        "(0.75-0.96x LoRA's), a few percent more time on small CPU batches")
+                                        "producers keep, instead of keeping them: the same gradients, less memory, "
+                                        "a few percent more time on small CPU batches")
     group_by_length: bool = _field(True, "draw each batch from a length-sorted pool (less padding); "
                                          "--no-group-by-length for random batches")
     strategy: str = _field("auto", "with several processes (torchrun, accelerate launch): ddp keeps a whole model "

@@ -81,10 +81,8 @@ class _ScaledInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, rebuilder: rebuild.Rebuilder) -> torch.Tensor:
-        needs_x = ctx.needs_input_grad[1]
-        source = rebuilder.plan(x) if needs_x else None
-        ctx.save_for_backward(scale, *(source.leaves if source is not None else [x] if needs_x else []))
-        ctx.rebuild_step = source.step if source is not None else None
+        kept_x, ctx.rebuild_step = rebuild.saved_form(rebuilder, x, ctx.needs_input_grad[1])
+        ctx.save_for_backward(scale, *kept_x)
         return x * scale
 
     @staticmethod
@@ -93,8 +91,7 @@ class _ScaledInput(torch.autograd.Function):
         grad_x = grad * scale if ctx.needs_input_grad[0] else None
         grad_scale = None
         if kept_x:
-            x = rebuild.run(ctx.rebuild_step, kept_x) if ctx.rebuild_step is not None else kept_x[0]
-            grad_scale = (grad * x).sum_to_size(scale.shape)
+            grad_scale = (grad * rebuild.restored(ctx.rebuild_step, kept_x)).sum_to_size(scale.shape)
         return grad_x, grad_scale, None
 
 

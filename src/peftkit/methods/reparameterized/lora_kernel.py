@@ -53,19 +53,16 @@ class _Down(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, keep: float, seed: int | None, mask: torch.Tensor | None,
                 rebuilder: rebuild.Rebuilder | None, *As: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(As[0].device, As[0].dtype)
+        given, x = x, x.to(dtype)
         # x is needed only for A's gradient; rebuilt in backward from what x's producer keeps when it can
-        needs_x = any(ctx.needs_input_grad[5:])
-        source = rebuilder.plan(x) if needs_x and rebuilder is not None else None
-        x_in, x = x.dtype, x.to(dtype)
+        kept_x, ctx.rebuild_step = rebuild.saved_form(rebuilder, given, any(ctx.needs_input_grad[5:]), kept=x)
         if seed is not None:
             mask = random_mask(x, round(keep * LEVELS), seed)
         A = _stacked(As, dtype)
         # the mask: a byte per entry, a quarter of a float copy of x; A as the products use it, so backward
         # neither stacks nor casts it again, and only when x takes a gradient (the first layer's does not)
-        kept_x = source.leaves if source is not None else [x] if needs_x else []
         ctx.save_for_backward(mask, A if ctx.needs_input_grad[0] else None, *kept_x)
-        ctx.rebuild_step = source.step if source is not None else None
-        ctx.keep, ctx.dtypes, ctx.A_parts = keep, (dtype, x_in), [(a.shape[0], a.dtype) for a in As]  # (rows, dtype)
+        ctx.keep, ctx.dtypes, ctx.A_parts = keep, (dtype, given.dtype), [(a.shape[0], a.dtype) for a in As]  # (rows, dtype)
         h = F.linear(zero_dropped(x, mask), A)  # (…, Σr): all in one pass
         return h.mul_(1.0 / keep) if keep != 1.0 else h  # 1/keep on the small side
 
@@ -81,7 +78,7 @@ class _Down(torch.autograd.Function):
             grad_x = zero_dropped(F.linear(grad_h, A.T), mask).to(x_in)
         if not kept_x:
             return grad_x, None, None, None, None, *(None for _ in ctx.A_parts)
-        x = rebuild.run(ctx.rebuild_step, kept_x).to(dtype) if ctx.rebuild_step is not None else kept_x[0]
+        x = rebuild.restored(ctx.rebuild_step, kept_x).to(dtype)
         grad_A = _rows(grad_h).T @ _rows(zero_dropped(x, mask))  # (Σr, N)·(N, in)
         grads = grad_A.split([rows for rows, _ in ctx.A_parts])
         return grad_x, None, None, None, None, *(g.to(a_dtype) for g, (_, a_dtype) in zip(grads, ctx.A_parts, strict=True))
